@@ -1,0 +1,260 @@
+"""The tail of the request path: render the answer, settle usage, write the audit record.
+
+`Exchange` carries one request's state from the edge to the audit record. `finish_exchange`
+is the single place where a reservation is settled or released and the audit row written,
+whatever happened (success, error, client disconnect, shutdown).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from adapters.base import UpstreamError, UpstreamResponse, UpstreamStream, Usage
+from adapters.openai import ChatStreamTap, completion_text, usage_from_payload
+from budgets import LedgerEntry, Reservation, cost
+from gateway import tokens
+from gateway.audit import Attempt, AuditRecord
+from gateway.dispatch import Dispatched, Target
+from gateway.errors import GatewayError
+from gateway.parsing import ParsedRequest
+from gateway.runtime import Runtime
+from gateway.streaming import RelayResponse
+from routing_policies import Decision
+
+log = logging.getLogger("gateway.request")
+
+
+@dataclass
+class Exchange:
+    request_id: str
+    endpoint: str
+    started: float
+    ts: datetime
+    tenant: str | None = None
+    key_id: str | None = None
+    parsed: ParsedRequest | None = None
+    decision: Decision | None = None
+    data_class: str | None = None
+    target: Target | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    reservation: Reservation | None = None
+    rate_headers: dict[str, str] = field(default_factory=dict)
+    admitted_tokens: int = 0
+    upstream_started: float | None = None
+    upstream_s: float = 0.0
+    overhead_ms: float | None = None
+    ttft_ms: float | None = None
+    finished: bool = False
+
+    @classmethod
+    def begin(cls, request: Request, endpoint: str) -> Exchange:
+        from gateway.pipeline import new_request_id
+
+        return cls(new_request_id(request), endpoint, time.perf_counter(), datetime.now(UTC))
+
+    def note_request(self, parsed: ParsedRequest) -> None:
+        self.parsed = parsed
+
+    def note_decision(self, decision: Decision, data_class: str) -> None:
+        self.decision, self.data_class = decision, data_class
+
+    def mark_upstream_start(self) -> None:
+        self.upstream_started = time.perf_counter()
+
+    def note_dispatched(self, result: Dispatched) -> None:
+        self.target, self.attempts, self.upstream_s = result.target, result.attempts, result.upstream_s
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+    def response_headers(self) -> dict[str, str]:
+        headers = {"x-request-id": self.request_id, **self.rate_headers}
+        if self.decision is not None:
+            headers["x-gateway-route"] = self.decision.route_label()
+        if self.target is not None:
+            headers["x-gateway-model"] = self.target.model.name
+            headers["x-gateway-provider"] = self.target.endpoint.provider
+        headers["x-gateway-attempts"] = str(len(self.attempts))
+        self.overhead_ms = round(self.elapsed_ms() - self.upstream_s * 1000, 3)
+        headers["x-gateway-overhead-ms"] = f"{self.overhead_ms:.3f}"
+        return headers
+
+
+async def render_json(rt: Runtime, ex: Exchange, answer: UpstreamResponse) -> Response:
+    """A non-streamed answer: the upstream body is forwarded as is; usage is read from it."""
+    payload: Any = None
+    try:
+        payload = orjson.loads(answer.body)
+    except orjson.JSONDecodeError:
+        payload = None
+    usage = usage_from_payload(payload)
+    if usage is None:
+        usage = _counted_usage(ex, completion_text(payload))
+    headers = ex.response_headers()
+    await finish_exchange(rt, ex, error=None, usage=usage, status=answer.status)
+    return Response(answer.body, status_code=answer.status, headers=headers, media_type="application/json")
+
+
+def relay_response(rt: Runtime, ex: Exchange, stream: UpstreamStream) -> Response:
+    assert ex.parsed is not None
+    tap = ChatStreamTap(client_wants_usage=ex.parsed.client_wants_usage)
+    headers = ex.response_headers()
+    headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return RelayResponse(_relay(rt, ex, stream, tap), status_code=stream.status, headers=headers)
+
+
+async def _relay(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: ChatStreamTap) -> AsyncIterator[bytes]:
+    outcome = "stream_interrupted"
+    try:
+        async for chunk in stream.chunks:
+            out = tap.feed(chunk)
+            if out:
+                if ex.ttft_ms is None and tap.content_started:
+                    ex.ttft_ms = round(ex.elapsed_ms(), 3)
+                yield out
+        tail = tap.flush()
+        if tail:
+            yield tail
+        outcome = "ok" if tap.done and not tap.error_seen else "stream_interrupted"
+    except UpstreamError as exc:
+        log.warning("upstream stream failed", extra={"request_id": ex.request_id, "error": exc.kind})
+        yield b'data: {"error":{"message":"the upstream stream failed","type":"api_error","code":"upstream_error"}}\n\n'
+    except BaseException:
+        outcome = "client_disconnected"
+        raise
+    finally:
+        await stream.aclose()
+        usage = tap.usage or _counted_usage(ex, "".join(tap.text_parts))
+        await finish_exchange(rt, ex, error=None, usage=usage, status=stream.status, outcome=outcome)
+        rt.leave()
+
+
+def _counted_usage(ex: Exchange, produced_text: str) -> Usage:
+    """Usage counted by the gateway when the upstream reported none."""
+    counted_in = ex.parsed.input_tokens if ex.parsed else 0
+    return Usage(input_tokens=counted_in, output_tokens=tokens.count_text(produced_text), estimated=True)
+
+
+async def finish_exchange(
+    rt: Runtime,
+    ex: Exchange,
+    *,
+    error: GatewayError | None,
+    usage: Usage | None = None,
+    status: int = 200,
+    outcome: str = "ok",
+    crashed: bool = False,
+) -> None:
+    """Settle or release the reservation, count metrics, write the audit record. Runs once."""
+    if ex.finished:
+        return
+    ex.finished = True
+    usage = usage or Usage()
+    model = ex.target.model.name if ex.target else None
+    spent = cost(rt.prices[model], usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) if model else Decimal(0)
+    if error is not None:
+        status, outcome = error.status, "error"
+    elif crashed:
+        status, outcome = 500, "error"
+    await _settle(rt, ex, usage, spent, status, outcome)
+    _count(rt, ex, usage, spent, status)
+    rt.audit.write(_audit_record(ex, usage, spent, status, outcome, error))
+
+
+async def _settle(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, status: int, outcome: str) -> None:
+    entries = []
+    if ex.target is not None and ex.tenant is not None:
+        entries.append(LedgerEntry(
+            request_id=ex.request_id, attempt=len(ex.attempts), ts=ex.ts, tenant=ex.tenant, key_id=ex.key_id,
+            model=ex.target.model.name, provider=ex.target.endpoint.provider,
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens, cost_usd=spent,
+            usage_estimated=usage.estimated, status=outcome,
+        ))
+    if ex.reservation is not None:
+        if entries:
+            await rt.ledger.settle(ex.reservation, entries)
+        else:
+            await rt.ledger.release(ex.reservation)
+    elif entries:
+        await rt.ledger.record(entries)
+    if ex.tenant and ex.admitted_tokens and usage.total_tokens > ex.admitted_tokens:
+        tenant = rt.tenants[ex.tenant]
+        await rt.limiter.adjust_tokens(f"tenant:{ex.tenant}", tenant.rate_limits, usage.total_tokens - ex.admitted_tokens)
+
+
+def _count(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, status: int) -> None:
+    m = rt.metrics
+    tenant = ex.tenant or "-"
+    model = ex.target.model.name if ex.target else "-"
+    m.requests.labels(tenant, model, f"{status // 100}xx").inc()
+    m.duration.labels(tenant, model).observe(ex.elapsed_ms() / 1000)
+    if ex.overhead_ms is not None:
+        m.overhead.observe(ex.overhead_ms / 1000)
+    if ex.ttft_ms is not None:
+        m.ttft.labels(model).observe(ex.ttft_ms / 1000)
+    if ex.target is not None:
+        m.tokens.labels(tenant, model, "input").inc(usage.input_tokens)
+        m.tokens.labels(tenant, model, "output").inc(usage.output_tokens)
+        m.tokens.labels(tenant, model, "cached_input").inc(usage.cached_input_tokens)
+        m.cost.labels(tenant, model).inc(float(spent))
+        if ex.decision and ex.decision.candidates and ex.target.model.name != ex.decision.candidates[0]:
+            m.fallbacks.labels(ex.decision.route_label()).inc()
+    for attempt in ex.attempts:
+        m.attempts.labels(attempt.provider, attempt.model, attempt.outcome).inc()
+
+
+def _audit_record(ex: Exchange, usage: Usage, spent: Decimal, status: int, outcome: str,
+                  error: GatewayError | None) -> AuditRecord:
+    parsed = ex.parsed
+    return AuditRecord(
+        request_id=ex.request_id,
+        ts=ex.ts.isoformat(),
+        tenant=ex.tenant,
+        key_id=ex.key_id,
+        api=parsed.api if parsed else "openai",
+        endpoint=ex.endpoint,
+        route=ex.decision.route_label() if ex.decision else None,
+        model_requested=parsed.model[:128] if parsed else None,
+        model_served=ex.target.model.name if ex.target else None,
+        provider=ex.target.endpoint.provider if ex.target else None,
+        data_class=ex.data_class,
+        stream=parsed.stream if parsed else False,
+        status=status,
+        outcome=outcome,
+        error_code=error.code if error else None,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        estimated_input_tokens=parsed.input_tokens if parsed else 0,
+        usage_estimated=usage.estimated,
+        cost_usd=str(spent),
+        latency_ms=round(ex.elapsed_ms(), 3),
+        ttft_ms=ex.ttft_ms,
+        overhead_ms=ex.overhead_ms,
+        attempts=list(ex.attempts),
+        features=_features(ex),
+    )
+
+
+def _features(ex: Exchange) -> dict[str, Any]:
+    """What routing used, so a policy change can be replayed without the prompt."""
+    parsed = ex.parsed
+    if parsed is None:
+        return {}
+    return {
+        "capabilities": sorted(parsed.capabilities),
+        "input_tokens_bound": parsed.input_tokens_bound,
+        "max_output_tokens": parsed.max_output_tokens,
+        "candidates": list(ex.decision.candidates) if ex.decision else [],
+        "rejected": [[r.model, r.reason] for r in ex.decision.rejected] if ex.decision else [],
+    }

@@ -1,0 +1,49 @@
+"""`gateway serve`: uvicorn (uvloop + httptools) with a graceful drain on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import os
+import sys
+
+import uvicorn
+
+from gateway import logs
+from gateway.app import create_app
+from gateway.config import LoadedConfig, load_config
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+
+_CONFIG_ENV = "GATEWAY_CONFIG_FILE"
+
+
+def app_factory():  # type: ignore[no-untyped-def]
+    """Used by uvicorn's worker processes (`--workers N`)."""
+    settings = Settings()
+    logs.configure(settings.log_level, settings.log_json)
+    return create_app(Runtime(load_config(os.environ[_CONFIG_ENV]), settings))
+
+
+def serve(loaded: LoadedConfig, settings: Settings) -> int:
+    logs.configure(settings.log_level, settings.log_json)
+    if settings.workers > 1 and not loaded.config.state.redis_url:
+        print("error: --workers > 1 needs state.redis_url so that rate limits and budget "
+              "reservations are shared by the worker processes", file=sys.stderr)
+        return 1
+    if loaded.sqlite_path is None:
+        print("error: this build stores state in SQLite only (state.database_url: sqlite:///...)", file=sys.stderr)
+        return 1
+    for note in loaded.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    base = f"http://{settings.host}:{settings.port}"
+    print(f"gateway listening on {base}  (OpenAI SDK base_url={base}/v1, Anthropic SDK base_url={base})", flush=True)
+    print(f"create a tenant key: gateway keys create --config {loaded.path} --tenant <tenant-id>", flush=True)
+    common = dict(
+        host=settings.host, port=settings.port, loop="uvloop", http="httptools", access_log=False,
+        log_config=None, timeout_graceful_shutdown=int(settings.drain_timeout_s), lifespan="on",
+        backlog=4096, timeout_keep_alive=30,
+    )
+    if settings.workers > 1:
+        os.environ[_CONFIG_ENV] = str(loaded.path)
+        uvicorn.run("gateway.serve:app_factory", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+    else:
+        uvicorn.run(create_app(Runtime(loaded, settings)), **common)  # type: ignore[arg-type]
+    return 0

@@ -1,0 +1,23 @@
+"""Process settings: one typed object, read once from the environment (prefix GATEWAY_)."""
+from __future__ import annotations
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Knobs that belong to the process rather than to the config file."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 10 * 1024 * 1024
+    log_level: str = "INFO"
+    log_json: bool = True
+    drain_timeout_s: float = 30.0
+    keys_refresh_s: float = 2.0
+    flush_interval_s: float = 0.05
+    upstream_pool_size: int = 512
+    admin_api_key: SecretStr | None = None
