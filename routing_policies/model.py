@@ -1,0 +1,113 @@
+"""The routing vocabulary: what a request needs, what a model offers, what was decided."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+__all__ = [
+    "ALLOWED_BOUNDARIES",
+    "BOUNDARIES",
+    "CAPABILITIES",
+    "DATA_CLASSES",
+    "OUTCOMES",
+    "Candidate",
+    "Decision",
+    "Facts",
+    "Rejected",
+    "max_data_class",
+]
+
+# Ordered from least to most sensitive; `max_data_class` relies on the order.
+DATA_CLASSES: tuple[str, ...] = ("public", "internal", "confidential", "restricted")
+BOUNDARIES: tuple[str, ...] = ("local", "vendor_zero_retention", "vendor")
+CAPABILITIES: tuple[str, ...] = ("chat", "embeddings", "tools", "json", "vision")
+OUTCOMES: tuple[str, ...] = ("ok", "model_not_found", "model_not_allowed")
+
+_ANY_BOUNDARY = frozenset(BOUNDARIES)
+ALLOWED_BOUNDARIES: dict[str, frozenset[str]] = {
+    "public": _ANY_BOUNDARY,
+    "internal": _ANY_BOUNDARY,
+    "confidential": frozenset({"local", "vendor_zero_retention"}),
+    "restricted": frozenset({"local"}),
+}
+
+_MILLION = Decimal(1_000_000)
+
+
+def max_data_class(*classes: str) -> str:
+    """The most sensitive of `classes` (`public` when none are given)."""
+    rank = 0
+    for name in classes:
+        if name not in DATA_CLASSES:
+            raise ValueError(f"unknown data class {name!r} (expected one of {', '.join(DATA_CLASSES)})")
+        rank = max(rank, DATA_CLASSES.index(name))
+    return DATA_CLASSES[rank]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A routable model as the router sees it: static config plus observed health."""
+
+    name: str
+    provider: str
+    locality: str
+    data_boundary: str
+    quality: int
+    capabilities: frozenset[str]
+    context_window: int
+    max_output_tokens: int
+    input_usd_per_mtok: Decimal
+    output_usd_per_mtok: Decimal
+    p95_latency_ms: float | None = None
+    healthy: bool = True
+
+    def estimated_cost(self, input_tokens: int, output_tokens: int) -> Decimal:
+        """USD for a request of this size, from the per-million-token prices."""
+        total = Decimal(input_tokens) * self.input_usd_per_mtok
+        total += Decimal(output_tokens) * self.output_usd_per_mtok
+        return total / _MILLION
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything about one request that routing may look at."""
+
+    tenant: str
+    requested_model: str
+    data_class: str
+    input_tokens: int
+    max_output_tokens: int | None
+    capabilities: frozenset[str]
+    allowed_models: tuple[str, ...] = ("*",)
+    sticky_key: str = ""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A candidate the policy named but did not keep, and why."""
+
+    model: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of `choose`: ordered candidates (primary first), or why there are none."""
+
+    policy: str
+    version: str
+    route: str
+    candidates: tuple[str, ...]
+    reason: str
+    rejected: tuple[Rejected, ...]
+    estimated_cost_usd: dict[str, Decimal] = field(default_factory=dict)
+    outcome: str = "ok"
+    shadow: str | None = None
+
+    @property
+    def primary(self) -> str | None:
+        return self.candidates[0] if self.candidates else None
+
+    def route_label(self) -> str:
+        return f"{self.policy}@{self.version}:{self.route}"
