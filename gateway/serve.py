@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import FrameType
 
 import uvicorn
 
@@ -13,6 +14,14 @@ from gateway.runtime import Runtime
 from gateway.settings import Settings
 
 _CONFIG_ENV = "GATEWAY_CONFIG_FILE"
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after its shutdown; a completed drain should exit 0."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 def app_factory():  # type: ignore[no-untyped-def]
@@ -45,5 +54,6 @@ def serve(loaded: LoadedConfig, settings: Settings) -> int:
         os.environ[_CONFIG_ENV] = str(loaded.path)
         uvicorn.run("gateway.serve:app_factory", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
     else:
-        uvicorn.run(create_app(Runtime(loaded, settings)), **common)  # type: ignore[arg-type]
+        server = _DrainingServer(uvicorn.Config(create_app(Runtime(loaded, settings)), **common))  # type: ignore[arg-type]
+        server.run()
     return 0

@@ -290,3 +290,20 @@ def test_ops_endpoints(gateway: RunningGateway) -> None:
     assert 'gateway_requests_total{model="mock-a",status="2xx",tenant="team"} 1.0' in metrics
     assert "gateway_overhead_seconds_bucket" in metrics
     assert "req_" not in metrics  # no per-request labels
+
+
+def test_client_disconnect_mid_stream_settles(gateway: RunningGateway, upstream: UpstreamProcess) -> None:
+    upstream.script({"text": " ".join(f"w{i}" for i in range(200)), "chunk_interval_ms": 20})
+    with httpx.Client(timeout=10) as http, http.stream(
+        "POST", f"{gateway.v1}/chat/completions", headers={"authorization": f"Bearer {TENANT_KEY}"},
+        json={"model": "mock-a", "messages": [{"role": "user", "content": "long"}], "stream": True},
+    ) as resp:
+        lines = resp.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+    record = wait_for(lambda: audit_rows(gateway))[0]
+    assert record["outcome"] == "client_disconnected"
+    rows = wait_for(lambda: ledger_rows(gateway))
+    assert 0 < rows[0][3] < 200  # what was produced before the client left, counted by the gateway
+    assert rows[0][5] == 1
+    assert gateway.runtime.in_flight == 0
