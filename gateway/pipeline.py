@@ -7,7 +7,6 @@ read body -> authenticate -> parse -> rate limit -> policy decision (pure)
 from __future__ import annotations
 
 import fnmatch
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,7 +25,7 @@ from gateway.keys import KeyRecord
 from gateway.parsing import ParsedRequest, read_body
 from gateway.relay import Exchange, finish_exchange, relay_response, render_json
 
-__all__ = ["Exchange", "authenticate", "handle", "new_request_id", "presented_key"]
+__all__ = ["Exchange", "authenticate", "handle", "request_id", "presented_key"]
 from gateway.runtime import Runtime, TenantRuntime
 from routing_policies import Decision, Facts, choose, max_data_class
 
@@ -35,7 +34,7 @@ Parser = Callable[[bytes], ParsedRequest]
 
 async def handle(rt: Runtime, request: Request, parse: Parser, endpoint: str) -> Response:
     """Serve one proxied request; every outcome is audited and every reservation settled."""
-    ex = Exchange.begin(request, endpoint)
+    ex = Exchange.begin(request_id(rt, request), endpoint)
     rt.enter()
     try:
         if rt.draining:
@@ -170,9 +169,10 @@ def decision_max_attempts(rt: Runtime, decision: Decision) -> int:
     return 3
 
 
-def new_request_id(request: Request) -> str:
+def request_id(rt: Runtime, request: Request) -> str:
+    """The client's x-request-id when it is sane, else a new unique one."""
     given = request.headers.get("x-request-id")
     if given and len(given) <= 128 and given.isascii() and given.isprintable():
         return given
-    return "req_" + uuid.uuid4().hex
+    return rt.new_request_id()
 

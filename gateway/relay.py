@@ -15,7 +15,6 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from starlette.requests import Request
 from starlette.responses import Response
 
 from adapters.base import UpstreamError, UpstreamResponse, UpstreamStream, Usage
@@ -56,10 +55,8 @@ class Exchange:
     finished: bool = False
 
     @classmethod
-    def begin(cls, request: Request, endpoint: str) -> Exchange:
-        from gateway.pipeline import new_request_id
-
-        return cls(new_request_id(request), endpoint, time.perf_counter(), datetime.now(UTC))
+    def begin(cls, request_id: str, endpoint: str) -> Exchange:
+        return cls(request_id, endpoint, time.perf_counter(), datetime.now(UTC))
 
     def note_request(self, parsed: ParsedRequest) -> None:
         self.parsed = parsed

@@ -5,8 +5,10 @@ No module-level state: the app gets one `Runtime`, and tests build their own.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -15,6 +17,7 @@ from pathlib import Path
 from adapters.base import Endpoint
 from adapters.http import UpstreamClient
 from budgets import BudgetLimit, Price, RateLimiter, RateLimits, SqliteLedger
+from gateway import tokens
 from gateway.audit import AuditWriter
 from gateway.config import LoadedConfig, ModelConfig, ProviderConfig, TenantConfig
 from gateway.keys import KeyAdmin, KeyStore
@@ -107,6 +110,8 @@ class Runtime:
         self.audit = AuditWriter(db_path, loaded.audit_jsonl_path, flush_interval_s=settings.flush_interval_s)
         self.client = UpstreamClient(pool_size=settings.upstream_pool_size)
         self.admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else loaded.admin_key()
+        self._id_prefix = "req_" + secrets.token_hex(8)
+        self._id_counter = itertools.count(1)
         self.draining = False
         self.started = False
         self.in_flight = 0
@@ -119,7 +124,12 @@ class Runtime:
             raise ValueError("only sqlite:/// state is supported by this build")
         return path
 
+    def new_request_id(self) -> str:
+        """Unique per process start (random prefix) and cheap (a counter): no syscall per request."""
+        return f"{self._id_prefix}{next(self._id_counter):010x}"
+
     async def start(self) -> None:
+        await asyncio.to_thread(tokens.count_text, "warm up the tokenizer")
         await self.ledger.start()
         await self.audit.start()
         await self.keys.start()

@@ -1,0 +1,205 @@
+"""Blocking SQLite work for ``SqliteLedger``. Every function here runs in a worker thread.
+
+Timestamps are stored as fixed-width UTC text (``2026-11-25T13:05:09.000123Z``), so text
+order is time order and ``substr(ts, 1, 10)`` is the UTC day. Cost is stored twice: the
+exact Decimal as TEXT, and integer nano-USD so SQL can sum it without floats.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+
+from budgets.ledger import GROUP_BY_FIELDS, LedgerEntry, SpendRow
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger_entries (
+    request_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    ts TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    key_id TEXT,
+    model TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    cost_usd TEXT NOT NULL,
+    cost_nano_usd INTEGER NOT NULL,
+    usage_estimated INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    price_version TEXT NOT NULL,
+    PRIMARY KEY (request_id, attempt)
+);
+CREATE INDEX IF NOT EXISTS ledger_entries_tenant_ts ON ledger_entries (tenant, ts);
+CREATE INDEX IF NOT EXISTS ledger_entries_ts ON ledger_entries (ts);
+"""
+
+_INSERT = (
+    "INSERT OR IGNORE INTO ledger_entries (request_id, attempt, ts, tenant, key_id, model,"
+    " provider, input_tokens, output_tokens, cached_input_tokens, cost_usd, cost_nano_usd,"
+    " usage_estimated, status, price_version) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+_GROUP_COLUMNS = {"tenant": "tenant", "model": "model", "day": "substr(ts, 1, 10)"}
+_NANO = Decimal("1e-9")
+
+Row = tuple[
+    str, int, str, str, str | None, str, str, int, int, int, str, int, int, str, str
+]
+
+
+def format_ts(ts: datetime) -> str:
+    """Fixed-width UTC text; naive datetimes are taken to be UTC."""
+    t = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    return (
+        f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:"
+        f"{t.second:02d}.{t.microsecond:06d}Z"
+    )
+
+
+def to_nano_usd(usd: Decimal) -> int:
+    return int(usd.quantize(_NANO, rounding=ROUND_HALF_UP).scaleb(9))
+
+
+def from_nano_usd(nano: int) -> Decimal:
+    return Decimal(nano).scaleb(-9)
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open (creating if needed) the ledger database in WAL mode."""
+    if path != ":memory:" and not path.startswith("file:"):
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+    # One connection, used by one worker thread at a time (the ledger's lock serializes).
+    conn = sqlite3.connect(
+        path, check_same_thread=False, isolation_level=None, timeout=5.0
+    )
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _row(entry: LedgerEntry) -> Row:
+    return (
+        entry.request_id,
+        entry.attempt,
+        format_ts(entry.ts),
+        entry.tenant,
+        entry.key_id,
+        entry.model,
+        entry.provider,
+        entry.input_tokens,
+        entry.output_tokens,
+        entry.cached_input_tokens,
+        str(entry.cost_usd),
+        to_nano_usd(entry.cost_usd),
+        int(entry.usage_estimated),
+        entry.status,
+        entry.price_version,
+    )
+
+
+def insert_rows(
+    conn: sqlite3.Connection, entries: Sequence[LedgerEntry]
+) -> list[LedgerEntry]:
+    """Insert in one transaction; return the entries ignored as already present."""
+    rows = [_row(entry) for entry in entries]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cursor = conn.executemany(_INSERT, rows)
+        if cursor.rowcount == len(rows):
+            conn.execute("COMMIT")
+            return []
+        # Some were duplicates: redo row by row to learn which (rare path).
+        conn.execute("ROLLBACK")
+        conn.execute("BEGIN IMMEDIATE")
+        ignored = [
+            e
+            for e, row in zip(entries, rows)
+            if conn.execute(_INSERT, row).rowcount == 0
+        ]
+        conn.execute("COMMIT")
+        return ignored
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def window_totals(
+    conn: sqlite3.Connection, tenant: str, start: datetime | None, end: datetime | None
+) -> tuple[int, int]:
+    """(tokens, nano-USD) of ``tenant`` with ``start <= ts < end``."""
+    sql = (
+        "SELECT COALESCE(SUM(input_tokens + cached_input_tokens + output_tokens), 0),"
+        " COALESCE(SUM(cost_nano_usd), 0) FROM ledger_entries WHERE tenant = ?"
+    )
+    params: list[str] = [tenant]
+    if start is not None:
+        sql += " AND ts >= ?"
+        params.append(format_ts(start))
+    if end is not None:
+        sql += " AND ts < ?"
+        params.append(format_ts(end))
+    tokens, nano = conn.execute(sql, params).fetchone()
+    return int(tokens), int(nano)
+
+
+def spend_rows(
+    conn: sqlite3.Connection,
+    since: datetime | None,
+    until: datetime | None,
+    tenant: str | None,
+    group_by: Sequence[str],
+) -> list[SpendRow]:
+    """Totals grouped by ``group_by`` (a subset of ``GROUP_BY_FIELDS``), sorted by group."""
+    groups = list(dict.fromkeys(group_by))
+    unknown = [g for g in groups if g not in _GROUP_COLUMNS]
+    if unknown:
+        raise ValueError(
+            f"cannot group spend by {unknown}; choose from {list(GROUP_BY_FIELDS)}"
+        )
+    where: list[str] = []
+    params: list[str] = []
+    for clause, value in (("ts >= ?", since), ("ts < ?", until)):
+        if value is not None:
+            where.append(clause)
+            params.append(format_ts(value))
+    if tenant is not None:
+        where.append("tenant = ?")
+        params.append(tenant)
+    columns = [_GROUP_COLUMNS[g] for g in groups]
+    sql = "SELECT " + "".join(f"{c}, " for c in columns)
+    sql += (
+        "COUNT(DISTINCT request_id), COALESCE(SUM(input_tokens), 0),"
+        " COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cached_input_tokens), 0),"
+        " COALESCE(SUM(cost_nano_usd), 0) FROM ledger_entries"
+    )
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if columns:
+        sql += " GROUP BY " + ", ".join(columns) + " ORDER BY " + ", ".join(columns)
+    result: list[SpendRow] = []
+    for record in conn.execute(sql, params):
+        keys = record[: len(groups)]
+        requests, input_tokens, output_tokens, cached, nano = record[len(groups) :]
+        result.append(
+            SpendRow(
+                group={g: str(k) for g, k in zip(groups, keys)},
+                requests=int(requests),
+                input_tokens=int(input_tokens),
+                output_tokens=int(output_tokens),
+                cached_input_tokens=int(cached),
+                cost_usd=from_nano_usd(int(nano)),
+            )
+        )
+    return result

@@ -1,0 +1,296 @@
+"""Behaviour every ``Ledger`` implementation must have. Add a backend to ``LEDGERS``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from budgets import BudgetExceeded, BudgetLimit, Ledger, SqliteLedger
+from tests.budgets.factories import NOW, entry
+
+D = Decimal
+LEDGERS: dict[str, Callable[[Path], Ledger]] = {
+    "sqlite": lambda tmp: SqliteLedger(str(tmp / "ledger.db"), flush_interval_s=0.01),
+}
+
+
+@pytest.fixture(params=sorted(LEDGERS))
+async def ledger(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Ledger]:
+    instance = LEDGERS[request.param](tmp_path)
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+DAY_TOKENS = [BudgetLimit("day", max_tokens=1000)]
+MONTH_USD = [BudgetLimit("month", max_usd=D("1.00"))]
+
+
+def test_sqlite_ledger_satisfies_the_protocol(tmp_path: Path) -> None:
+    assert isinstance(SqliteLedger(str(tmp_path / "x.db")), Ledger)
+
+
+async def test_reserve_then_settle_moves_the_hold_to_spend(ledger: Ledger) -> None:
+    limits = [BudgetLimit("day", max_tokens=1000, max_usd=D("1"))]
+    res = await ledger.reserve("t", limits, 300, D("0.30"), NOW)
+    assert res.tenant == "t" and res.tokens == 300 and res.usd == D("0.30")
+    assert res.window_keys == ("day:2026-11-25",)
+    [bal] = await ledger.balance("t", limits, NOW)
+    assert (bal.spent_tokens, bal.reserved_tokens, bal.remaining_tokens) == (
+        0,
+        300,
+        700,
+    )
+    assert (bal.spent_usd, bal.reserved_usd, bal.remaining_usd) == (
+        D(0),
+        D("0.30"),
+        D("0.70"),
+    )
+
+    actual = entry(
+        "r1",
+        tenant="t",
+        input_tokens=120,
+        cached_input_tokens=30,
+        output_tokens=100,
+        cost_usd="0.1234567891",
+    )
+    await ledger.settle(res, [actual])
+    [bal] = await ledger.balance("t", limits, NOW)
+    assert (bal.spent_tokens, bal.reserved_tokens, bal.remaining_tokens) == (
+        250,
+        0,
+        750,
+    )
+    assert bal.spent_usd == D("0.1234567891")
+    assert bal.reserved_usd == 0
+    assert bal.remaining_usd == D("0.8765432109")
+
+
+async def test_release_spends_nothing(ledger: Ledger) -> None:
+    res = await ledger.reserve("t", DAY_TOKENS, 900, D("0"), NOW)
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve("t", DAY_TOKENS, 200, D("0"), NOW)
+    await ledger.release(res)
+    [bal] = await ledger.balance("t", DAY_TOKENS, NOW)
+    assert (bal.spent_tokens, bal.reserved_tokens) == (0, 0)
+    await ledger.release(res)  # twice is harmless
+    await ledger.reserve("t", DAY_TOKENS, 1000, D("0"), NOW)
+
+
+async def test_token_cap_rejects_only_when_strictly_over(ledger: Ledger) -> None:
+    limits = [BudgetLimit("day", max_tokens=2_000_000)]
+    await ledger.record(
+        [entry("r1", tenant="t", input_tokens=1_500_000, output_tokens=0)]
+    )
+    await ledger.reserve(
+        "t", limits, 500_000, D("0"), NOW
+    )  # exactly at the cap: allowed
+    with pytest.raises(BudgetExceeded) as caught:
+        await ledger.reserve("t", limits, 1, D("0"), NOW)
+    err = caught.value
+    assert (err.window, err.kind, err.limit, err.used) == (
+        "day",
+        "tokens",
+        2_000_000,
+        2_000_000,
+    )
+    assert str(err) == "day token budget exhausted (2000000 tokens)"
+
+
+async def test_usd_cap_rejects_and_allows_free_requests(ledger: Ledger) -> None:
+    await ledger.record([entry("r1", tenant="t", cost_usd="0.75")])
+    with pytest.raises(BudgetExceeded) as caught:
+        await ledger.reserve("t", MONTH_USD, 0, D("0.2500000001"), NOW)
+    assert (caught.value.kind, caught.value.window) == ("usd", "month")
+    assert caught.value.limit == D("1.00") and caught.value.used == D("0.75")
+    assert str(caught.value) == "month USD budget exhausted (1.00 USD)"
+    await ledger.reserve("t", MONTH_USD, 0, D("0.25"), NOW)  # now exactly exhausted
+    await ledger.reserve("t", MONTH_USD, 10, D("0"), NOW)  # a $0 request still fits
+
+
+async def test_each_window_is_checked_and_resets_at_its_boundary(
+    ledger: Ledger,
+) -> None:
+    limits = [BudgetLimit("day", max_tokens=100), BudgetLimit("month", max_tokens=250)]
+    for day in range(2):
+        now = NOW + timedelta(days=day)
+        res = await ledger.reserve("t", limits, 100, D("0"), now)
+        assert res.window_keys == (f"day:2026-11-{25 + day}", "month:2026-11")
+        with pytest.raises(BudgetExceeded) as caught:
+            await ledger.reserve("t", limits, 1, D("0"), now)
+        assert caught.value.window == "day"
+        await ledger.settle(
+            res,
+            [entry(f"r{day}", tenant="t", ts=now, input_tokens=100, output_tokens=0)],
+        )
+    with pytest.raises(BudgetExceeded) as caught:
+        await ledger.reserve("t", limits, 51, D("0"), NOW + timedelta(days=2))
+    assert caught.value.window == "month"
+    december = NOW.replace(month=12, day=1)
+    await ledger.reserve("t", limits, 100, D("0"), december)
+
+
+async def test_no_caps_never_reject(ledger: Ledger) -> None:
+    for limits in ([], [BudgetLimit("day")], [BudgetLimit("total", None, None)]):
+        res = await ledger.reserve("t", limits, 10**12, D("1e9"), NOW)
+        await ledger.release(res)
+    res = await ledger.reserve("t", [BudgetLimit("day")], 5, D("1"), NOW)
+    assert res.window_keys == ()
+
+
+async def test_tenants_are_independent(ledger: Ledger) -> None:
+    await ledger.reserve("a", DAY_TOKENS, 1000, D("0"), NOW)
+    await ledger.reserve("b", DAY_TOKENS, 1000, D("0"), NOW)
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve("a", DAY_TOKENS, 1, D("0"), NOW)
+
+
+@pytest.mark.parametrize(
+    ("limits", "tokens", "usd"),
+    [
+        ([BudgetLimit("day", max_tokens=37 * 25)], 25, D("0")),
+        ([BudgetLimit("month", max_usd=D("0.37"))], 0, D("0.01")),
+        (
+            [
+                BudgetLimit("minute", max_tokens=10**9),
+                BudgetLimit("total", max_usd=D("3.7")),
+            ],
+            1,
+            D("0.1"),
+        ),
+    ],
+)
+async def test_concurrent_reservations_never_overshoot(
+    ledger: Ledger, limits: list[BudgetLimit], tokens: int, usd: Decimal
+) -> None:
+    results = await asyncio.gather(
+        *(ledger.reserve("t", limits, tokens, usd, NOW) for _ in range(200)),
+        return_exceptions=True,
+    )
+    granted = [r for r in results if not isinstance(r, BaseException)]
+    rejected = [r for r in results if isinstance(r, BaseException)]
+    assert len(granted) == 37
+    assert all(isinstance(r, BudgetExceeded) for r in rejected)
+    assert len({r.id for r in granted}) == 37
+
+
+async def test_settle_is_idempotent_per_request_and_attempt(ledger: Ledger) -> None:
+    res = await ledger.reserve("t", DAY_TOKENS, 200, D("0"), NOW)
+    rows = [entry("r1", tenant="t", attempt=0), entry("r1", tenant="t", attempt=1)]
+    await ledger.settle(res, rows)
+    await ledger.settle(res, rows)  # the same settle replayed
+    again = await ledger.reserve("t", DAY_TOKENS, 10, D("0"), NOW)
+    await ledger.settle(again, [rows[1]])  # a replayed entry under another reservation
+    await ledger.record(rows)
+    [bal] = await ledger.balance("t", DAY_TOKENS, NOW)
+    assert (bal.spent_tokens, bal.reserved_tokens) == (300, 0)
+    [total] = await ledger.spend(None, None, "t", [])
+    assert (total.requests, total.input_tokens, total.cost_usd) == (1, 200, D("0.0002"))
+
+
+async def test_recorded_usage_counts_toward_balances(ledger: Ledger) -> None:
+    limits = [BudgetLimit("day", max_tokens=1000), BudgetLimit("total", max_usd=D("5"))]
+    await ledger.balance("t", limits, NOW)
+    await ledger.record(
+        [
+            entry("r1", tenant="t", cost_usd="1.5"),
+            entry("r2", tenant="t", ts=NOW - timedelta(days=3), cost_usd="2"),
+        ]
+    )
+    day, total = await ledger.balance("t", limits, NOW)
+    assert (day.window_key, day.spent_tokens, day.spent_usd) == (
+        "day:2026-11-25",
+        150,
+        D("1.5"),
+    )
+    assert (total.window_key, total.spent_tokens, total.spent_usd) == (
+        "total",
+        300,
+        D("3.5"),
+    )
+
+
+async def test_negative_amounts_are_refused(ledger: Ledger) -> None:
+    with pytest.raises(ValueError):
+        await ledger.reserve("t", DAY_TOKENS, -1, D("0"), NOW)
+    with pytest.raises(ValueError):
+        await ledger.reserve("t", MONTH_USD, 0, D("-0.01"), NOW)
+
+
+async def test_spend_groups_and_filters(ledger: Ledger) -> None:
+    day2 = NOW + timedelta(days=1)
+    await ledger.record(
+        [
+            entry(
+                "a1",
+                tenant="a",
+                model="m1",
+                cost_usd="0.10",
+                input_tokens=10,
+                output_tokens=1,
+            ),
+            entry(
+                "a1",
+                attempt=1,
+                tenant="a",
+                model="m2",
+                cost_usd="0.20",
+                input_tokens=20,
+                output_tokens=2,
+            ),
+            entry(
+                "a2",
+                tenant="a",
+                model="m1",
+                ts=day2,
+                cost_usd="0.0000000004",
+                cached_input_tokens=7,
+            ),
+            entry("b1", tenant="b", model="m1", cost_usd="1.01"),
+        ]
+    )
+    by_tenant = await ledger.spend(None, None, None, ["tenant"])
+    assert [(r.group, r.requests, r.cost_usd) for r in by_tenant] == [
+        ({"tenant": "a"}, 2, D("0.300000000")),
+        ({"tenant": "b"}, 1, D("1.01")),
+    ]
+    rows = await ledger.spend(None, None, "a", ["model", "day"])
+    assert [
+        (r.group, r.requests, r.input_tokens, r.output_tokens, r.cached_input_tokens)
+        for r in rows
+    ] == [
+        ({"model": "m1", "day": "2026-11-25"}, 1, 10, 1, 0),
+        ({"model": "m1", "day": "2026-11-26"}, 1, 100, 50, 7),
+        ({"model": "m2", "day": "2026-11-25"}, 1, 20, 2, 0),
+    ]
+    assert rows[1].cost_usd == D("0.0000000004").quantize(
+        D("1e-9")
+    )  # nano-USD resolution
+    [only_day2] = await ledger.spend(day2.replace(hour=0), None, None, [])
+    assert (only_day2.requests, only_day2.cached_input_tokens) == (1, 7)
+    [before_day2] = await ledger.spend(None, day2.replace(hour=0), None, ["day"])
+    assert before_day2.group == {"day": "2026-11-25"}
+    assert before_day2.cost_usd == D("1.31")
+    [empty] = await ledger.spend(None, None, "nobody", [])
+    assert (empty.group, empty.requests, empty.cost_usd) == ({}, 0, D(0))
+    with pytest.raises(ValueError, match="cannot group spend"):
+        await ledger.spend(None, None, None, ["provider"])
+
+
+def test_budget_limits_are_validated_and_exact() -> None:
+    assert BudgetLimit("month", max_usd=500).max_usd == D("500")  # type: ignore[arg-type]
+    assert BudgetLimit("day", max_usd=0.1).max_usd == D("0.1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown budget window"):
+        BudgetLimit("week", max_tokens=1)
+    with pytest.raises(ValueError):
+        BudgetLimit("day", max_tokens=-1)
+    with pytest.raises(ValueError):
+        BudgetLimit("day", max_usd=D("-0.01"))
