@@ -16,14 +16,13 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked_at TEXT
 );
 CREATE TABLE IF NOT EXISTS audit_records (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
     ts TEXT NOT NULL,
     tenant TEXT,
     record TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_records_ts ON audit_records (ts);
-CREATE INDEX IF NOT EXISTS audit_records_tenant_ts ON audit_records (tenant, ts);
 """
 
 

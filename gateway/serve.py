@@ -48,7 +48,7 @@ def serve(loaded: LoadedConfig, settings: Settings) -> int:
     common = dict(
         host=settings.host, port=settings.port, loop="uvloop", http="httptools", access_log=False,
         log_config=None, timeout_graceful_shutdown=int(settings.drain_timeout_s), lifespan="on",
-        backlog=4096, timeout_keep_alive=30,
+        backlog=4096, timeout_keep_alive=30, proxy_headers=False, server_header=False,
     )
     if settings.workers > 1:
         os.environ[_CONFIG_ENV] = str(loaded.path)
