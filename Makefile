@@ -5,7 +5,7 @@ CONFIG ?= deploy/quickstart.yaml
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: run test install install-test bench check clean
+.PHONY: run test install install-test install-local bench check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,17 +19,25 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
 	touch $@
 
+# The local model runtime (llama-cpp-python compiled once, then from pip's wheel cache) and
+# the SmolLM2-135M model file: scripts/install_local.sh says which and how long.
+$(VENV)/.installed-local: $(VENV)/.installed scripts/install_local.sh
+	bash scripts/install_local.sh $(BIN)
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-local: $(VENV)/.installed-local
 
-run: install
-	@mkdir -p .gateway
-	$(BIN)/gateway serve --config $(CONFIG) --host $(HOST) --port $(PORT)
+# A local model server (llama.cpp + SmolLM2 on 127.0.0.1:8081) and the gateway in front of it;
+# prints a ready-to-paste snippet with a tenant key. Ctrl-C stops both.
+run: install install-local
+	$(BIN)/python scripts/run_local.py --config $(CONFIG) --host $(HOST) --port $(PORT)
 
 check: install
 	$(BIN)/gateway check --config $(CONFIG)
 
-test: install-test
+test: install-test install-local
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install-test

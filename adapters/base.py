@@ -30,13 +30,19 @@ class UpstreamRequest:
 
 @dataclass
 class Usage:
-    """Token usage of one upstream call, normalised: input excludes cached input."""
+    """Token usage of one upstream call, normalised: input excludes cached input.
+
+    `input_tokens` is every input token not read from a cache (OpenAI `prompt_tokens` minus
+    cached; Anthropic `input_tokens` plus cache writes); `cache_write_tokens` is the part of
+    it written to a cache, priced at the cache-write rate where the model has one.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
     estimated: bool = False
     raw: dict[str, Any] | None = None
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

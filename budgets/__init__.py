@@ -1,6 +1,8 @@
 """Budgets: pricing, the spend ledger, and rate limits. Imports nothing from the gateway."""
 
 # budgets.ledger first: it re-exports SqliteLedger, whose module needs its types.
+from budgets._pgpool import PgPool
+from budgets._rows import PgRowStore, RowStore, SqliteRowStore
 from budgets.ledger import (
     GROUP_BY_FIELDS,
     Balance,
@@ -8,11 +10,17 @@ from budgets.ledger import (
     BudgetLimit,
     Ledger,
     LedgerEntry,
+    RequestRef,
     Reservation,
     SpendRow,
+    StoreUnavailable,
+    expired_entry,
 )
-from budgets.pricing import Price, cost
+from budgets.postgres_ledger import PostgresLedger
+from budgets.pricing import Price, cost, price_version
 from budgets.ratelimit import RateLimiter, RateLimits, RateState
+from budgets.redis_ledger import RedisLedger, redis_client
+from budgets.spool import Spool
 from budgets.sqlite_ledger import SqliteLedger
 from budgets.windows import WINDOWS, window_end, window_key, window_start
 
@@ -24,14 +32,26 @@ __all__ = [
     "BudgetLimit",
     "Ledger",
     "LedgerEntry",
+    "PgPool",
+    "PgRowStore",
+    "PostgresLedger",
     "Price",
     "RateLimiter",
     "RateLimits",
     "RateState",
+    "RedisLedger",
+    "RequestRef",
     "Reservation",
+    "RowStore",
     "SpendRow",
+    "Spool",
     "SqliteLedger",
+    "SqliteRowStore",
+    "StoreUnavailable",
     "cost",
+    "expired_entry",
+    "price_version",
+    "redis_client",
     "window_end",
     "window_key",
     "window_start",

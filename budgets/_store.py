@@ -36,6 +36,13 @@ CREATE TABLE IF NOT EXISTS ledger_entries (
 );
 CREATE INDEX IF NOT EXISTS ledger_entries_tenant_ts ON ledger_entries (tenant, ts);
 CREATE INDEX IF NOT EXISTS ledger_entries_ts ON ledger_entries (ts);
+CREATE TABLE IF NOT EXISTS budget_alerts (
+    tenant TEXT NOT NULL,
+    window_key TEXT NOT NULL,
+    fraction TEXT NOT NULL,
+    claimed_at TEXT NOT NULL,
+    PRIMARY KEY (tenant, window_key, fraction)
+);
 """
 
 _INSERT = (
@@ -133,6 +140,18 @@ def insert_rows(
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def claim_alert(
+    conn: sqlite3.Connection, tenant: str, window_key: str, fraction: str
+) -> bool:
+    """Record an alert crossing; False if it was recorded before."""
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO budget_alerts (tenant, window_key, fraction, claimed_at)"
+        " VALUES (?,?,?,?)",
+        (tenant, window_key, fraction, format_ts(datetime.now(UTC))),
+    )
+    return cursor.rowcount == 1
 
 
 def window_totals(

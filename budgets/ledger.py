@@ -24,9 +24,11 @@ __all__ = [
     "BudgetLimit",
     "Ledger",
     "LedgerEntry",
+    "RequestRef",
     "Reservation",
     "SpendRow",
     "SqliteLedger",
+    "StoreUnavailable",
 ]
 
 #: What ``Ledger.spend`` can group by.
@@ -57,6 +59,17 @@ class BudgetLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestRef:
+    """Who a reservation is for: what a shared ledger books if the holder dies (see
+    ``expired_entry``)."""
+
+    request_id: str
+    key_id: str | None = None
+    model: str = "-"
+    provider: str = "-"
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """Tokens and USD held against ``window_keys`` of ``tenant`` until settled or released."""
 
@@ -66,6 +79,7 @@ class Reservation:
     usd: Decimal
     window_keys: tuple[str, ...]
     created_at: datetime
+    ref: RequestRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +146,15 @@ class SpendRow:
     cost_usd: Decimal
 
 
+class StoreUnavailable(Exception):
+    """A shared store (Redis, PostgreSQL) could not be reached; callers fail closed."""
+
+    def __init__(self, store: str, detail: str = "") -> None:
+        self.store = store
+        self.detail = detail
+        super().__init__(f"{store} unavailable" + (f" ({detail})" if detail else ""))
+
+
 class BudgetExceeded(Exception):
     """A reservation would take a tenant past a limit. The message is safe to show callers."""
 
@@ -169,9 +192,10 @@ class Ledger(Protocol):
         ...
 
     async def balance(
-        self, tenant: str, limits: Sequence[BudgetLimit], now: datetime
+        self, tenant: str, limits: Sequence[BudgetLimit], now: datetime, *, fresh: bool = True
     ) -> list[Balance]:
-        """One ``Balance`` per limit, in the order given."""
+        """One ``Balance`` per limit, in the order given. ``fresh=False`` may skip applying
+        this process's queued settles first (a cheaper read, for routing hints)."""
         ...
 
     async def reserve(
@@ -181,9 +205,13 @@ class Ledger(Protocol):
         tokens: int,
         usd: Decimal,
         now: datetime,
+        *,
+        ref: RequestRef | None = None,
     ) -> Reservation:
-        """Hold ``tokens``/``usd``; raise ``BudgetExceeded`` if spent + reserved + this
-        would be strictly greater than any cap. Limits with no cap never reject."""
+        """Hold ``tokens``/``usd`` in the windows containing ``now``; raise ``BudgetExceeded``
+        if spent + reserved + this would be strictly greater than any cap. Limits with no
+        cap never reject. ``ref`` names the request (shared ledgers book an abandoned
+        reservation at its worst case under that request id)."""
         ...
 
     async def settle(
@@ -204,6 +232,14 @@ class Ledger(Protocol):
         """Persist every queued row now."""
         ...
 
+    async def check(self) -> None:
+        """Raise ``StoreUnavailable`` if a store this ledger needs cannot be reached."""
+        ...
+
+    async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool:
+        """True exactly once per (tenant, window key, fraction), across every replica."""
+        ...
+
     async def spend(
         self,
         since: datetime | None,
@@ -213,6 +249,31 @@ class Ledger(Protocol):
     ) -> list[SpendRow]:
         """Totals of rows with ``since <= ts < until``, grouped by ``GROUP_BY_FIELDS``."""
         ...
+
+
+def expired_entry(reservation: Reservation) -> LedgerEntry:
+    """The row booked for a reservation whose holder stopped renewing it: its worst case.
+
+    Attempt 0 is reserved for it (real attempts are numbered from 1), so it never collides
+    with the request's own rows; all tokens are booked as input since the split is unknown.
+    """
+    ref = reservation.ref or RequestRef(request_id=reservation.id)
+    return LedgerEntry(
+        request_id=ref.request_id,
+        attempt=0,
+        ts=reservation.created_at,
+        tenant=reservation.tenant,
+        key_id=ref.key_id,
+        model=ref.model,
+        provider=ref.provider,
+        input_tokens=reservation.tokens,
+        output_tokens=0,
+        cached_input_tokens=0,
+        cost_usd=reservation.usd,
+        usage_estimated=True,
+        status="reservation_expired",
+        price_version="reservation",
+    )
 
 
 # Re-exported so ``from budgets.ledger import SqliteLedger`` works; imported last because

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from decimal import ROUND_HALF_UP, Decimal
+from functools import lru_cache
 
-__all__ = ["COST_QUANTUM", "Price", "as_decimal", "cost"]
+__all__ = ["COST_QUANTUM", "Price", "as_decimal", "cost", "price_version"]
 
 #: Every cost is rounded to this many places (ten decimals of a dollar).
 COST_QUANTUM = Decimal("1e-10")
@@ -67,3 +69,11 @@ def cost(
     )
     # scaleb shifts the exponent: an exact division by 10**6, no rounding involved.
     return usd_times_million.scaleb(-6).quantize(COST_QUANTUM, rounding=ROUND_HALF_UP)
+
+
+@lru_cache(maxsize=1024)
+def price_version(price: Price, source: str = "config") -> str:
+    """A stable name for ``price`` (``config:1a2b3c4d5e6f``), stored on every ledger row so
+    history can be repriced: rows with the same version were charged the same rates."""
+    text = "|".join(str(getattr(price, f.name)) for f in fields(price))
+    return f"{source}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"

@@ -1,7 +1,10 @@
 """Per-key request and token rate limits on the ``limits`` package (fixed 1-minute windows).
 
-Storage is pluggable by URI: ``memory://`` (default, this process only) or any storage
-``limits`` supports, e.g. ``redis://host:6379/0`` to share limits between replicas.
+Storage is pluggable by URI: ``memory://`` (default, this process only) or
+``redis://host:6379/0`` to share limits between replicas (``limits``' async Redis storage
+on the redis-py client). Every counter update is one atomic INCRBY in the store, so the
+replicas together admit exactly the limit. A store that cannot be reached raises
+``StoreUnavailable``: callers fail closed.
 """
 
 from __future__ import annotations
@@ -9,16 +12,38 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import Storage
 from limits.aio.strategies import FixedWindowRateLimiter
+from limits.errors import StorageError
 from limits.storage import storage_from_string
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from budgets.ledger import StoreUnavailable
 
 __all__ = ["RateLimiter", "RateLimits", "RateState"]
 
+T = TypeVar("T")
 _REQUESTS = "gw-requests"
+# Take back ``amount`` from a live window, never below 0, never creating a key; skipped
+# when the live window ends later than the one the tokens were counted in (ARGV[3], ms,
+# on the caller's clock; ARGV[2] is the caller's now, so no clock is compared across hosts).
+_REFUND = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then return 0 end
+if tonumber(ARGV[3]) > 0 and tonumber(ARGV[2]) + ttl > tonumber(ARGV[3]) + 1000 then return 0 end
+local left = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[1])
+if left < 0 then left = 0 end
+redis.call('SET', KEYS[1], left, 'KEEPTTL')
+return left
+"""
 _TOKENS = "gw-tokens"
 _WINDOW_S = 60.0
 _MAX_CACHED_KEYS = 100_000
@@ -49,6 +74,8 @@ class RateState:
     remaining_tokens: int | None
     reset_tokens_s: float | None
     retry_after_s: int | None
+    #: When the token window this hit counted in ends (epoch s): where a refund must go.
+    tokens_window_end: float | None = None
 
     def headers(self) -> dict[str, str]:
         """OpenAI-style ``x-ratelimit-*`` headers for the configured limits (resets as "12s")."""
@@ -87,10 +114,17 @@ class _Probe:
         return self.cost <= self.remaining
 
 
-def _async_storage(uri: str) -> Storage:
+def _async_storage(uri: str, key_prefix: str, timeout_s: float) -> Storage:
+    options: dict[str, Any] = {}
+    if uri.startswith(("redis://", "rediss://", "async+redis://", "async+rediss://")):
+        options = {
+            "implementation": "redispy", "key_prefix": key_prefix, "wrap_exceptions": True,
+            "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+            "retry": Retry(NoBackoff(), 1),
+        }  # fmt: skip
     if not uri.startswith("async+"):
         uri = "async+" + uri
-    storage = storage_from_string(uri)
+    storage = storage_from_string(uri, **options)
     if not isinstance(
         storage, Storage
     ):  # pragma: no cover - guarded by the "async+" prefix
@@ -102,13 +136,19 @@ class RateLimiter:
     """Requests-per-minute and tokens-per-minute limits, both enforced on each ``hit``.
 
     A rejected hit consumes nothing. With shared storage (Redis) two replicas can race
-    between the check and the increment; the loser is then rejected and its increment
-    taken back where the storage supports decrements, so limits are never overshot by
-    more than that race allows.
+    between the probe and the increment; the increment itself is atomic and admits only
+    while the count stays within the limit, and the loser's increment is taken back.
     """
 
-    def __init__(self, storage_uri: str = "memory://") -> None:
-        self._storage = _async_storage(storage_uri)
+    def __init__(
+        self, storage_uri: str = "memory://", *, key_prefix: str = "LIMITS", timeout_s: float = 2.0
+    ) -> None:
+        self.shared = not storage_uri.startswith(("memory://", "async+memory://"))
+        self._storage = _async_storage(storage_uri, key_prefix, timeout_s)
+        bridge = getattr(self._storage, "bridge", None)
+        self._redis_refund = (
+            None if bridge is None else bridge.get_connection().register_script(_REFUND)
+        )
         self._limiter = FixedWindowRateLimiter(self._storage)
         # Parsed once per distinct (kind, amount); keys are per (namespace, amount).
         self._items: dict[tuple[str, int], RateLimitItem] = {}
@@ -139,12 +179,20 @@ class RateLimiter:
         self, item: RateLimitItem, key: str, cost: int, now: float
     ) -> _Probe:
         # Reads what FixedWindowRateLimiter.get_window_stats reads, without rebuilding
-        # the storage key twice per call.
+        # the storage key twice per call; on Redis in one round trip, with millisecond TTL.
         storage_key = self._storage_key(item, key)
-        used = await self._storage.get(storage_key)
-        reset_at = await self._storage.get_expiry(storage_key)
+        if self._redis_refund is not None:
+            bridge = self._storage.bridge  # type: ignore[attr-defined]
+            pipe = bridge.get_connection().pipeline(transaction=False)
+            pipe.get(bridge.prefixed_key(storage_key))
+            pipe.pttl(bridge.prefixed_key(storage_key))
+            value, ttl_ms = await _guard(pipe.execute())
+            used, reset_at = int(value or 0), now + max(ttl_ms, 0) / 1000
+        else:
+            used, reset_at = await _guard(asyncio.gather(
+                self._storage.get(storage_key), self._storage.get_expiry(storage_key)))
         # No live window yet: the hit we are about to make starts a full one.
-        reset_s = reset_at - now if reset_at > now else _WINDOW_S
+        reset_s = min(reset_at - now, _WINDOW_S) if reset_at > now else _WINDOW_S
         return _Probe(item, cost, max(0, item.amount - used), reset_s)
 
     async def hit(self, key: str, limits: RateLimits, tokens: int) -> RateState:
@@ -167,7 +215,7 @@ class RateLimiter:
         )
         probes = [p for p in (requests, token_probe) if p is not None]
         allowed = all(p.fits for p in probes) and await self._consume(key, probes)
-        return _state(allowed, requests, token_probe)
+        return _state(allowed, requests, token_probe, now)
 
     async def _consume(self, key: str, probes: list[_Probe]) -> bool:
         taken: list[_Probe] = []
@@ -175,7 +223,7 @@ class RateLimiter:
             if probe.cost == 0:
                 continue
             taken.append(probe)
-            if not await self._limiter.hit(probe.item, key, cost=probe.cost):
+            if not await _guard(self._limiter.hit(probe.item, key, cost=probe.cost)):
                 # Lost a race on shared storage since the probe: undo and reject.
                 for undo in taken:
                     await self._refund(undo.item, key, undo.cost)
@@ -183,36 +231,66 @@ class RateLimiter:
                 return False
         return True
 
-    async def _refund(self, item: RateLimitItem, key: str, amount: int) -> None:
+    async def _refund(
+        self, item: RateLimitItem, key: str, amount: int, window_end: float | None = None
+    ) -> None:
+        storage_key = self._storage_key(item, key)
+        if self._redis_refund is not None:
+            bridge = self._storage.bridge  # type: ignore[attr-defined]
+            end_ms = 0 if window_end is None else int(window_end * 1000)
+            args = [amount, int(time.time() * 1000), end_ms]
+            await _guard(self._redis_refund(keys=[bridge.prefixed_key(storage_key)], args=args))
+            return
         decr = getattr(self._storage, "decr", None)
-        if decr is not None:
-            await decr(self._storage_key(item, key), amount)
+        if decr is None:
+            return
+        if window_end is not None and await self._storage.get_expiry(storage_key) > window_end + 1:
+            return  # the window the tokens were counted in is over
+        await decr(storage_key, amount)
 
-    async def adjust_tokens(self, key: str, limits: RateLimits, delta: int) -> None:
+    async def adjust_tokens(
+        self, key: str, limits: RateLimits, delta: int, *, window_end: float | None = None
+    ) -> None:
         """Correct the token count once actual usage is known (``delta`` = actual - estimate).
 
         A positive delta is consumed even past the limit (the tokens were already used).
-        A negative delta is refunded where the storage can decrement (memory, memcached);
-        on storages that cannot (the async Redis storages), it is ignored and the estimate
-        stands until the window resets.
+        A negative delta is given back to the window the estimate was counted in
+        (``RateState.tokens_window_end``), only while that window is still the current one.
         """
         tpm = limits.tokens_per_minute
         if tpm is None or delta == 0:
             return
         item = self._item(_TOKENS, tpm)
         if delta > 0:
-            await self._limiter.hit(item, key, cost=delta)
+            await _guard(self._limiter.hit(item, key, cost=delta))
         else:
-            await self._refund(item, key, -delta)
+            await self._refund(item, key, -delta, window_end)
+
+    async def check(self) -> None:
+        """Raise ``StoreUnavailable`` if a shared storage does not answer."""
+        if self.shared and not await _guard(self._storage.check()):
+            raise StoreUnavailable("redis", "no answer to PING")
 
     async def close(self) -> None:
+        bridge = getattr(self._storage, "bridge", None)
+        if bridge is not None:
+            await bridge.get_connection().aclose()
         # The in-memory storage keeps an expiry task; stop it with the limiter.
         timer = getattr(self._storage, "timer", None)
         if isinstance(timer, asyncio.Task) and not timer.done():
             timer.cancel()
 
 
-def _state(allowed: bool, requests: _Probe | None, tokens: _Probe | None) -> RateState:
+async def _guard(work: Awaitable[T]) -> T:
+    try:
+        return await work
+    except StorageError as exc:
+        raise StoreUnavailable("redis", type(exc.storage_error).__name__) from exc
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # our own calls on the bridge
+        raise StoreUnavailable("redis", type(exc).__name__) from exc
+
+
+def _state(allowed: bool, requests: _Probe | None, tokens: _Probe | None, now: float) -> RateState:
     def remaining(probe: _Probe) -> int:
         left = probe.remaining - probe.cost if allowed else probe.remaining
         return max(0, left)
@@ -232,4 +310,5 @@ def _state(allowed: bool, requests: _Probe | None, tokens: _Probe | None) -> Rat
         remaining_tokens=None if tokens is None else remaining(tokens),
         reset_tokens_s=None if tokens is None else tokens.reset_s,
         retry_after_s=retry_after,
+        tokens_window_end=None if tokens is None else now + tokens.reset_s,
     )

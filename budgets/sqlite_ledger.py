@@ -15,7 +15,14 @@ from functools import partial
 
 from budgets import _store
 from budgets._book import Slot, WindowBook
-from budgets.ledger import Balance, BudgetLimit, LedgerEntry, Reservation, SpendRow
+from budgets.ledger import (
+    Balance,
+    BudgetLimit,
+    LedgerEntry,
+    RequestRef,
+    Reservation,
+    SpendRow,
+)
 from budgets.windows import window_end, window_key, window_start
 
 __all__ = ["SqliteLedger"]
@@ -114,7 +121,7 @@ class SqliteLedger:
     # -- hot path: no database round trip once a window is loaded -------------------------
 
     async def balance(
-        self, tenant: str, limits: Sequence[BudgetLimit], now: datetime
+        self, tenant: str, limits: Sequence[BudgetLimit], now: datetime, *, fresh: bool = True
     ) -> list[Balance]:
         keys = [window_key(limit.window, now) for limit in limits]
         await self._load_windows(tenant, limits, keys, now)
@@ -127,6 +134,8 @@ class SqliteLedger:
         tokens: int,
         usd: Decimal,
         now: datetime,
+        *,
+        ref: RequestRef | None = None,
     ) -> Reservation:
         if tokens < 0 or usd < 0:
             raise ValueError("cannot reserve a negative amount")
@@ -150,6 +159,7 @@ class SqliteLedger:
             usd=usd,
             window_keys=window_keys,
             created_at=now,
+            ref=ref,
         )
         self._reservations[reservation.id] = reservation
         return reservation
@@ -176,6 +186,18 @@ class SqliteLedger:
         """Write every queued row now; raises (keeping the rows queued) if the write fails."""
         async with self._db_lock:
             await self._flush_locked()
+
+    async def check(self) -> None:
+        """The embedded file is always reachable while the process runs."""
+        if self._closed:
+            raise RuntimeError("ledger is closed")
+
+    async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool:
+        async with self._db_lock:
+            conn = await self._connection()
+            return await asyncio.to_thread(
+                _store.claim_alert, conn, tenant, window_key, fraction
+            )
 
     async def spend(
         self,

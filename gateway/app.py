@@ -7,7 +7,7 @@ import fnmatch
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 
 import orjson
 from starlette.applications import Starlette
@@ -16,9 +16,15 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from gateway import pipeline
-from gateway.errors import GatewayError, InvalidApiKey, InvalidRequest, NotFound, render_error
+from gateway import admin_reports, pipeline, stores
+from gateway.count_tokens import count_tokens
+from gateway.dashboard import dashboard_routes
+from gateway.errors import ApiFormat, GatewayError, InvalidApiKey, InvalidRequest, NotFound, render_error
+from gateway.explain import explain_live
+from gateway.metrics import refresh as refresh_metrics
 from gateway.parsing import load_json_object, parse_chat, parse_embeddings
+from gateway.parsing_anthropic import parse_messages
+from gateway.translation import anthropic_model_list
 from gateway.runtime import Runtime
 
 log = logging.getLogger("gateway")
@@ -31,12 +37,23 @@ def create_app(rt: Runtime) -> HotPaths:
     async def embeddings(request: Request) -> Response:
         return await pipeline.handle(rt, request, parse_embeddings, "embeddings")
 
+    async def messages(request: Request) -> Response:
+        beta = request.headers.get("anthropic-beta")
+        return await pipeline.handle(rt, request, lambda raw: parse_messages(raw, beta), "messages", "anthropic")
+
+    async def messages_count_tokens(request: Request) -> Response:
+        return await count_tokens(rt, request)
+
     async def list_models(request: Request) -> Response:
+        api: ApiFormat = "anthropic" if "anthropic-version" in request.headers else "openai"  # the Anthropic SDK sends it
         try:
             key, tenant = await pipeline.authenticate(rt, request, pipeline.Exchange.begin(pipeline.request_id(rt, request), "models"))
         except GatewayError as exc:
-            return render_error(exc, "openai")
-        return JSONResponse({"object": "list", "data": _visible_models(rt, tenant.config.id)})
+            return render_error(exc, api)
+        models = _visible_models(rt, tenant.config.id)
+        if api == "anthropic":
+            return JSONResponse(anthropic_model_list(models))
+        return JSONResponse({"object": "list", "data": models})
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -51,23 +68,20 @@ def create_app(rt: Runtime) -> HotPaths:
             await asyncio.wait_for(asyncio.to_thread(rt.key_admin.list, "__readyz__"), timeout=2)
         except Exception as exc:  # noqa: BLE001 - any store failure means not ready
             problems.append(f"state store: {type(exc).__name__}")
+        problems += await stores.store_problems(rt.ledger, rt.limiter)  # Redis/PostgreSQL: degraded
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready", "policies": sorted(rt.policies)})
 
     async def metrics(request: Request) -> Response:
+        await refresh_metrics(rt, datetime.now(UTC))
         return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def admin_spend(request: Request) -> Response:
-        _admin_only(rt, request)
-        q = request.query_params
-        group_by = [g for g in (q.get("by") or "tenant,model,day").split(",") if g]
-        if not set(group_by) <= {"tenant", "model", "day"}:
-            raise InvalidRequest("'by' must be a subset of tenant,model,day", param="by")
-        rows = await rt.ledger.spend(
-            _date(q.get("since"), "since"), _date(q.get("until"), "until"), q.get("tenant"), group_by
-        )
-        return Response(orjson.dumps({"data": [_spend_row(r) for r in rows]}), media_type="application/json")
+        return await admin_reports.admin_spend(rt, request)
+
+    async def admin_audit(request: Request) -> Response:
+        return await admin_reports.admin_audit(rt, request)
 
     async def admin_create_key(request: Request) -> Response:
         _admin_only(rt, request)
@@ -80,6 +94,7 @@ def create_app(rt: Runtime) -> HotPaths:
             raise InvalidRequest("'expires_in_days' must be a positive integer", param="expires_in_days")
         key, record = await asyncio.to_thread(rt.key_admin.create, tenant, str(body.get("name") or ""), days)
         await rt.keys.refresh()
+        rt.audit.admin("key.created", tenant=record.tenant, details={"key_id": record.id, "name": record.name})
         return JSONResponse({"key": key, **record.public()}, status_code=201)
 
     async def admin_revoke_key(request: Request) -> Response:
@@ -88,11 +103,22 @@ def create_app(rt: Runtime) -> HotPaths:
         if not await asyncio.to_thread(rt.key_admin.revoke, key_id):
             raise NotFound("no active key with that id")
         rt.keys.revoked_locally(key_id)
+        rt.audit.admin("key.revoked", details={"key_id": key_id})
         return JSONResponse({"id": key_id, "revoked": True})
+
+    async def admin_explain(request: Request) -> Response:
+        _admin_only(rt, request)
+        return Response(orjson.dumps(await explain_live(rt, load_json_object(await request.body()))),
+                        media_type="application/json")
+
+    async def admin_reload(request: Request) -> Response:
+        _admin_only(rt, request)
+        outcome = await rt.reloader.reload("admin")
+        return JSONResponse(outcome.as_dict(), status_code=422 if outcome.result == "failure" else 200)
 
     async def on_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
-        return render_error(exc, "openai")
+        return render_error(exc, api_of(request.url.path))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -105,16 +131,29 @@ def create_app(rt: Runtime) -> HotPaths:
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", messages_count_tokens, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/admin/spend", admin_spend, methods=["GET"]),
+        Route("/admin/audit", admin_audit, methods=["GET"]),
+        *dashboard_routes(rt),
         Route("/admin/keys", admin_create_key, methods=["POST"]),
         Route("/admin/keys/{key_id}", admin_revoke_key, methods=["DELETE"]),
+        Route("/admin/explain", admin_explain, methods=["POST"]),
+        Route("/admin/reload", admin_reload, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={GatewayError: on_error})
-    return HotPaths(app, {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/v1/embeddings"): embeddings})
+    return HotPaths(app, {("POST", "/v1/chat/completions"): chat_completions, ("POST", "/v1/embeddings"): embeddings,
+                          ("POST", "/v1/messages"): messages,
+                          ("POST", "/v1/messages/count_tokens"): messages_count_tokens})
+
+
+def api_of(path: str) -> ApiFormat:
+    """The error format a route's callers read: Anthropic's under /v1/messages, else OpenAI's."""
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
 
 
 class HotPaths:
@@ -136,7 +175,7 @@ class HotPaths:
                     response = await endpoint(Request(scope, receive))
                 except Exception:
                     log.exception("unhandled error on the request path")
-                    response = render_error(GatewayError("internal gateway error"), "openai")
+                    response = render_error(GatewayError("internal gateway error"), api_of(scope["path"]))
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -156,14 +195,6 @@ def _date(value: str | None, name: str) -> datetime | None:
     except ValueError:
         raise InvalidRequest(f"'{name}' must be an ISO date (YYYY-MM-DD)", param=name) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=__import__("datetime").UTC)
-
-
-def _spend_row(row: object) -> dict[str, object]:
-    data = dict(getattr(row, "group", {}))
-    for attr in ("requests", "input_tokens", "output_tokens", "cached_input_tokens"):
-        data[attr] = getattr(row, attr)
-    data["cost_usd"] = str(getattr(row, "cost_usd"))
-    return data
 
 
 def _visible_models(rt: Runtime, tenant_id: str) -> list[dict[str, object]]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import io
 import os
@@ -48,14 +47,24 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int)
     sp.add_argument("--workers", type=int)
     cmd("check", _check, "validate the config and its policies")
+    sp = cmd("migrate", _migrate, "create or upgrade the PostgreSQL schema (SQLite needs none)")
+    sp.add_argument("--status", action="store_true", help="only list the pending migrations")
     sp = cmd("explain", _explain, "print the routing decision for a request without sending it")
     sp.add_argument("--tenant", required=True)
     sp.add_argument("--model", required=True)
     sp.add_argument("--body", help="request body JSON file (OpenAI chat format)")
+    sp.add_argument("--data-class", dest="data_class", choices=["public", "internal", "confidential", "restricted"],
+                    help="as the x-gateway-data-class header: can only raise the tenant's class")
     sp.add_argument("--json", action="store_true")
 
     policy = sub.add_parser("policy", help="policy tools").add_subparsers(dest="policy_command")
     cmd("test", _policy_test, "run every policy's tests: cases", policy)
+    sp = cmd("simulate", _policy_simulate, "replay recorded audit metadata under a new policy file", policy)
+    sp.add_argument("--policy", required=True, help="the new version of a policy (YAML)")
+    sp.add_argument("--since")
+    sp.add_argument("--until")
+    sp.add_argument("--audit", help="replay this JSON-lines audit export instead of the state database")
+    sp.add_argument("--format", choices=["table", "json"], default="table")
 
     keys = sub.add_parser("keys", help="tenant API keys").add_subparsers(dest="keys_command")
     sp = cmd("create", _keys_create, "create a key (printed once)", keys)
@@ -71,14 +80,24 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--tenant")
     sp.add_argument("--since")
     sp.add_argument("--until")
+    sp.add_argument("--model")
     sp.add_argument("--by", default="tenant,model,day")
-    sp.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sp.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                    help="csv with the default --by is FOCUS: one row per tenant x model x day x token type")
 
-    sp = cmd("audit", _audit, "the redacted audit trail")
+    # Not `cmd`: --config may come before or after `verify`.
+    sp = sub.add_parser("audit", help="the redacted audit trail; `audit verify` checks its hash chain")
+    sp.add_argument("--config", help="gateway config YAML")
+    sp.set_defaults(func=_audit)
     sp.add_argument("--tenant")
     sp.add_argument("--since")
+    sp.add_argument("--until")
+    sp.add_argument("--kind", choices=["request", "admin", "purge"])
     sp.add_argument("--format", choices=["jsonl", "table"], default="jsonl")
     sp.add_argument("--limit", type=int, default=1000)
+    verify = sp.add_subparsers(dest="audit_command").add_parser("verify", help="check the audit hash chain")
+    verify.add_argument("--config", default=argparse.SUPPRESS, help="gateway config YAML")
+    verify.set_defaults(func=_audit_verify)
     return p
 
 
@@ -105,27 +124,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from gateway.explain import explain
+    from gateway.explain import explain_offline, explain_text
 
     loaded = _load(args)
     body = orjson.loads(Path(args.body).read_bytes()) if args.body else None
-    result = explain(loaded, args.tenant, args.model, body)
+    result = explain_offline(loaded, args.tenant, args.model, body, args.data_class)
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     else:
-        print(_explain_text(result))
+        print(explain_text(result))
     return 0 if result.get("outcome") == "ok" else 1
 
 
-def _explain_text(result: dict[str, object]) -> str:
-    lines = [f"route:     {result['route']}", f"outcome:   {result['outcome']}",
-             f"chosen:    {result['chosen']}", f"fallbacks: {', '.join(result['fallbacks']) or '-'}",  # type: ignore[arg-type]
-             f"reason:    {result['reason']}", f"est. cost: ${result['estimated_cost_usd']}"]
-    rejected = result.get("rejected") or []
-    if rejected:
-        lines.append("excluded:")
-        lines.extend(f"  - {r['model']}: {r['reason']}" for r in rejected)  # type: ignore[attr-defined, index]
-    return "\n".join(lines)
+def _policy_simulate(args: argparse.Namespace) -> int:
+    from gateway.simulate import run_simulation
+
+    loaded = _load(args)
+    print(run_simulation(loaded, args.policy, since=_parse_date(args.since), until=_parse_date(args.until, end=True),
+                         audit_file=args.audit, fmt=args.format))
+    return 0
 
 
 def _policy_test(args: argparse.Namespace) -> int:
@@ -143,12 +160,16 @@ def _policy_test(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from gateway.migrate import migrate_command
+
+    return migrate_command(_load(args), status_only=args.status)
+
+
 def _key_admin(loaded: LoadedConfig):  # type: ignore[no-untyped-def]
     from gateway.keys import KeyAdmin
 
-    if loaded.sqlite_path is None:
-        raise SystemExit("only sqlite:/// state is supported by this build")
-    return KeyAdmin(loaded.sqlite_path)
+    return KeyAdmin(loaded.database)
 
 
 def _keys_create(args: argparse.Namespace) -> int:
@@ -157,6 +178,7 @@ def _keys_create(args: argparse.Namespace) -> int:
         print(f"error: unknown tenant {args.tenant!r}", file=sys.stderr)
         return 1
     key, record = _key_admin(loaded).create(args.tenant, args.name, args.expires_in)
+    _audit_admin(loaded, "key.created", record.tenant, {"key_id": record.id, "name": record.name})
     print(key)
     print(f"# id {record.id}, tenant {record.tenant}; shown once: only its SHA-256 is stored", file=sys.stderr)
     return 0
@@ -175,6 +197,7 @@ def _keys_list(args: argparse.Namespace) -> int:
 def _keys_revoke(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if _key_admin(loaded).revoke(args.key_id):
+        _audit_admin(loaded, "key.revoked", None, {"key_id": args.key_id})
         print(f"revoked {args.key_id}")
         return 0
     print(f"error: no active key {args.key_id!r}", file=sys.stderr)
@@ -192,28 +215,10 @@ def _parse_date(value: str | None, *, end: bool = False) -> datetime | None:
 
 
 def _spend(args: argparse.Namespace) -> int:
-    from budgets import SqliteLedger
+    from gateway.reports import spend_command
 
-    loaded = _load(args)
-    group_by = [g for g in args.by.split(",") if g]
-    if not set(group_by) <= {"tenant", "model", "day"}:
-        print("error: --by must be a subset of tenant,model,day", file=sys.stderr)
-        return 1
-    assert loaded.sqlite_path is not None
-
-    async def query():  # type: ignore[no-untyped-def]
-        ledger = SqliteLedger(str(loaded.sqlite_path))
-        try:
-            return await ledger.spend(_parse_date(args.since), _parse_date(args.until, end=True), args.tenant, group_by)
-        finally:
-            await ledger.close()
-
-    rows = asyncio.run(query())
-    columns = [*group_by, "requests", "input_tokens", "output_tokens", "cached_input_tokens", "cost_usd"]
-    records = [{**r.group, "requests": r.requests, "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
-                "cached_input_tokens": r.cached_input_tokens, "cost_usd": str(r.cost_usd)} for r in rows]
-    print(_render(records, columns, args.format))
-    return 0
+    return spend_command(_load(args), by=args.by, fmt=args.format, tenant=args.tenant, model=args.model,
+                         since=args.since, until=args.until)
 
 
 def _render(records: list[dict[str, object]], columns: list[str], fmt: str) -> str:
@@ -232,19 +237,29 @@ def _render(records: list[dict[str, object]], columns: list[str], fmt: str) -> s
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from gateway.audit import read_audit
+    from gateway.reports import audit_command
 
-    loaded = _load(args)
-    assert loaded.sqlite_path is not None
-    records = read_audit(loaded.sqlite_path, since=_parse_date(args.since), tenant=args.tenant, limit=args.limit)
-    if args.format == "jsonl":
-        for record in records:
-            print(orjson.dumps(record).decode())
-        return 0
-    columns = ["ts", "request_id", "tenant", "route", "model_served", "status", "outcome",
-               "input_tokens", "output_tokens", "cost_usd", "latency_ms"]
-    print(_render(records, columns, "table"))
-    return 0
+    if not args.config:
+        print("error: --config is required", file=sys.stderr)
+        return 2
+    return audit_command(_load(args), fmt=args.format, tenant=args.tenant, since=args.since, until=args.until,
+                         kind=args.kind, limit=args.limit)
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from gateway.reports import audit_verify_command
+
+    if not getattr(args, "config", None):
+        print("error: --config is required", file=sys.stderr)
+        return 2
+    return audit_verify_command(_load(args))
+
+
+def _audit_admin(loaded: LoadedConfig, action: str, tenant: str | None, details: dict[str, object]) -> None:
+    from gateway.audit import admin_record, append_now
+
+    record = admin_record(action, tenant=tenant, actor="cli", details=details)
+    append_now(loaded.database, loaded.audit_jsonl_path, [record])  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ class _Strict(BaseModel):
 class StateConfig(_Strict):
     database_url: str = "sqlite:///.gateway/state.db"
     redis_url: str | None = None
+    # Several deployments may share one Redis: each uses its own key prefix.
+    redis_key_prefix: str = Field(default="gw", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # Ledger/audit writes a store could not take wait here (default: beside the SQLite
+    # database, or .gateway/spool); see docs/replicas.md.
+    spool_dir: str | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -54,6 +59,11 @@ class ProviderConfig(_Strict):
     locality: Literal["hosted", "local"] = "hosted"
     timeout_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Active health check (gateway/health.py): GET health_check_url (default {base_url}/models)
+    # every interval; off when unset. Meant for local servers (llama.cpp, vLLM, Ollama).
+    health_check_interval_s: float | None = Field(default=None, gt=0)
+    health_check_timeout_s: float = Field(default=3.0, gt=0)
+    health_check_url: str | None = None
 
     def api_key(self) -> str | None:
         """The provider key, read from its env var at call time (never stored in config)."""
@@ -66,7 +76,8 @@ class ModelConfig(_Strict):
     upstream_model: str
     input_usd_per_mtok: Decimal | None = None
     output_usd_per_mtok: Decimal | None = None
-    cached_input_usd_per_mtok: Decimal | None = None
+    cached_input_usd_per_mtok: Decimal | None = None  # cache reads; default: the input price
+    cache_write_usd_per_mtok: Decimal | None = None  # cache writes (Anthropic); default: the input price
     context_window: int = Field(default=8192, ge=1)
     max_output_tokens: int = Field(default=4096, ge=1)
     quality: int = 1
@@ -82,6 +93,20 @@ class BudgetConfig(_Strict):
     window: Literal["minute", "hour", "day", "month", "total"]
     max_tokens: int | None = Field(default=None, ge=0)
     max_usd: Decimal | None = Field(default=None, ge=0)
+    # Soft alerts: fractions of a cap whose crossing is logged and counted once per window.
+    alert_at: list[Decimal] = Field(default_factory=list)
+
+    @field_validator("alert_at")
+    @classmethod
+    def _fractions(cls, values: list[Decimal]) -> list[Decimal]:
+        if any(not (0 < v <= 10) for v in values):
+            raise ValueError("alert_at fractions must be in (0, 10], e.g. [0.5, 0.8, 1.0]")
+        return sorted(set(values))
+
+
+class AlertsConfig(_Strict):
+    webhook_url: str | None = None  # POSTed a JSON event per budget alert, when set
+    timeout_s: float = Field(default=5.0, gt=0)
 
 
 class RateLimitConfig(_Strict):
@@ -114,6 +139,7 @@ class GatewayConfig(_Strict):
     providers: list[ProviderConfig] = Field(default_factory=list)
     models: list[ModelConfig] = Field(default_factory=list)
     tenants: list[TenantConfig] = Field(default_factory=list)
+    alerts: AlertsConfig = AlertsConfig()
     policies_dir: str = "policies/"
     admin_api_key_env: str = "GATEWAY_ADMIN_KEY"
 
@@ -152,6 +178,17 @@ class LoadedConfig:
         if not url.startswith("sqlite:///"):
             return None
         return Path(url[len("sqlite:///"):])
+
+    @property
+    def database(self) -> Path | str:
+        """Where the durable state lives: the SQLite file, or the PostgreSQL URL."""
+        return self.sqlite_path or self.config.state.database_url
+
+    @property
+    def spool_dir(self) -> Path:
+        if self.config.state.spool_dir:
+            return Path(self.config.state.spool_dir)
+        return (self.sqlite_path.parent if self.sqlite_path else Path(".gateway")) / "spool"
 
     @property
     def audit_jsonl_path(self) -> Path:

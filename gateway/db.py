@@ -1,4 +1,4 @@
-"""The gateway's own SQLite tables (keys, audit). Budgets keep theirs in budgets/."""
+"""The gateway's own tables (keys, audit), in SQLite or PostgreSQL. Budgets keep theirs in budgets/."""
 from __future__ import annotations
 
 import sqlite3
@@ -26,8 +26,20 @@ CREATE INDEX IF NOT EXISTS audit_records_ts ON audit_records (ts);
 """
 
 
+def is_postgres(target: Path | str) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
 def connect(path: Path | str) -> sqlite3.Connection:
-    """A connection with the gateway schema in place (WAL, so readers never block the writer)."""
+    """A connection with the gateway schema in place (WAL, so readers never block the writer).
+
+    ``path`` may also be a ``postgresql://`` URL: the same interface, on PostgreSQL
+    (gateway/db_pg.py), with the schema migrated by the gateway itself.
+    """
+    if is_postgres(path):
+        from gateway.db_pg import connect as connect_pg
+
+        return connect_pg(str(path))  # type: ignore[return-value]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)

@@ -17,7 +17,8 @@ from adapters.base import Endpoint, UpstreamError, UpstreamRequest, UpstreamResp
 from adapters.http import UpstreamClient
 from gateway.audit import Attempt
 from gateway.config import ModelConfig
-from gateway.errors import UpstreamFailed, UpstreamRejected
+from gateway import translation
+from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamRejected
 from gateway.parsing import ParsedRequest
 
 PER_CANDIDATE_ATTEMPTS = 2
@@ -42,6 +43,8 @@ class Dispatched:
 def build_request(target: Target, parsed: ParsedRequest) -> UpstreamRequest:
     if parsed.endpoint == "embeddings":
         return openai_adapter.build_embeddings_request(target.endpoint, parsed.body, target.model.upstream_model)
+    if parsed.api != "openai" or target.endpoint.type == "anthropic":
+        return translation.build_request(target, parsed)  # Anthropic pass-through, or across formats
     cap = None if parsed.max_output_tokens else target.model.max_output_tokens
     return openai_adapter.build_chat_request(
         target.endpoint, parsed.body, target.model.upstream_model, max_output_tokens=cap
@@ -69,11 +72,16 @@ async def dispatch(
     *,
     max_attempts: int,
     sleep: Sleep,
+    attempts: list[Attempt] | None = None,
 ) -> Dispatched:
-    """Try the targets in order; raise a GatewayError when every one has failed."""
-    attempts: list[Attempt] = []
+    """Try the targets in order; raise a GatewayError when every one has failed.
+
+    `attempts` (the caller's list, appended to as attempts finish) keeps the record of a
+    request that fails, for its audit record, metrics and trace."""
+    attempts = [] if attempts is None else attempts
     started = time.perf_counter()
     last: UpstreamError | None = None
+    inexpressible: InvalidRequest | None = None
     for target in targets:
         remaining = max_attempts - len(attempts)
         if remaining <= 0:
@@ -85,7 +93,12 @@ async def dispatch(
             if not _falls_over(exc):
                 raise _rejected(exc) from None
             continue
+        except InvalidRequest as exc:  # this candidate's format cannot express the request; another may
+            inexpressible = inexpressible or exc
+            continue
         return Dispatched(target, answer, attempts, time.perf_counter() - started)
+    if inexpressible is not None and last is None:
+        raise inexpressible
     raise _failed(last)
 
 
@@ -110,7 +123,7 @@ async def _attempt(
     client: UpstreamClient, target: Target, request: UpstreamRequest, attempts: list[Attempt]
 ) -> UpstreamResponse | UpstreamStream:
     endpoint = target.endpoint
-    t0 = time.perf_counter()
+    t0, started_ns = time.perf_counter(), time.time_ns()
     try:
         answer: Any
         if request.stream:
@@ -119,10 +132,10 @@ async def _attempt(
             answer = await client.send(request, timeout_s=endpoint.timeout_s, connect_timeout_s=endpoint.connect_timeout_s)
     except UpstreamError as exc:
         attempts.append(Attempt(target.model.name, endpoint.provider, "error", exc.status,
-                                round((time.perf_counter() - t0) * 1000, 2), exc.kind))
+                                round((time.perf_counter() - t0) * 1000, 2), exc.kind, started_ns))
         raise
     attempts.append(Attempt(target.model.name, endpoint.provider, "ok", answer.status,
-                            round((time.perf_counter() - t0) * 1000, 2)))
+                            round((time.perf_counter() - t0) * 1000, 2), None, started_ns))
     return answer  # type: ignore[no-any-return]
 
 

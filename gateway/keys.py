@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from budgets import StoreUnavailable
 from gateway.config import TenantConfig
 from gateway.db import connect
 
@@ -60,7 +61,7 @@ _COLUMNS = "id, tenant, key_sha256, name, created_at, expires_at, last_used_at, 
 class KeyAdmin:
     """Synchronous key management on the state database (CLI and admin API)."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path | str) -> None:  # a SQLite file or a postgresql:// URL
         self._db_path = db_path
 
     def _conn(self) -> sqlite3.Connection:
@@ -172,7 +173,11 @@ class KeyStore:
         mono = time.monotonic()
         if seen is not None and mono - seen < _NEGATIVE_TTL_S:
             return None
-        record = await asyncio.to_thread(self._admin.lookup, digest)
+        try:
+            record = await asyncio.to_thread(self._admin.lookup, digest)
+        except sqlite3.Error as exc:
+            # Cannot tell whether the key is valid: fail closed with 503, never 401.
+            raise StoreUnavailable("database", type(exc).__name__) from exc
         if record is None:
             if len(self._misses) >= _NEGATIVE_MAX:
                 self._misses.clear()

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 
 import orjson
 
+from gateway.telemetry import LogContext
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -29,6 +31,7 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str = "INFO", json: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json else logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    handler.addFilter(LogContext())  # request_id and trace_id of the request being served
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -27,6 +27,7 @@ class ParsedRequest:
     capabilities: frozenset[str]
     input_tokens: int  # offline count
     input_tokens_bound: int  # upper bound used for reservations
+    anthropic_beta: str | None = None  # the client's anthropic-beta header, forwarded to Anthropic providers
 
 
 async def read_body(request: Request, limit: int) -> bytes:

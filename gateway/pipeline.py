@@ -7,7 +7,7 @@ read body -> authenticate -> parse -> rate limit -> policy decision (pure)
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -15,10 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from adapters.base import UpstreamStream
-from budgets import BudgetExceeded, cost
+from budgets import Balance, BudgetExceeded, RequestRef, StoreUnavailable, cost
+from gateway import stores
+from gateway.datarisk import HEADER as DATA_CLASS_HEADER
+from gateway.datarisk import classify, user_hash
 from gateway.dispatch import Target, dispatch
 from gateway.errors import (
-    BudgetExhausted, GatewayError, InvalidApiKey, ModelNotAllowed, ModelNotFound, RateLimited,
+    ApiFormat, BudgetExhausted, GatewayError, InvalidApiKey, ModelNotAllowed, ModelNotFound, RateLimited,
     ServiceUnavailable, render_error,
 )
 from gateway.keys import KeyRecord
@@ -27,34 +30,51 @@ from gateway.relay import Exchange, finish_exchange, relay_response, render_json
 
 __all__ = ["Exchange", "authenticate", "handle", "request_id", "presented_key"]
 from gateway.runtime import Runtime, TenantRuntime
-from routing_policies import Decision, Facts, choose, max_data_class
+from gateway.telemetry import mark, stage_start
+from routing_policies import Decision, Facts, choose
 
 Parser = Callable[[bytes], ParsedRequest]
 
 
-async def handle(rt: Runtime, request: Request, parse: Parser, endpoint: str) -> Response:
-    """Serve one proxied request; every outcome is audited and every reservation settled."""
+async def handle(rt: Runtime, request: Request, parse: Parser, endpoint: str, api: ApiFormat = "openai") -> Response:
+    """Serve one proxied request; every outcome is audited and every reservation settled.
+
+    `api` is the caller's format (the route's), used for errors raised before the body is parsed.
+    """
     ex = Exchange.begin(request_id(rt, request), endpoint)
+    rt.telemetry.begin(ex, request.headers)
     rt.enter()
     try:
         if rt.draining:
             raise ServiceUnavailable("the gateway is shutting down", headers={"retry-after": "1"})
         raw = await read_body(request, rt.loaded.config.server.max_body_bytes)
         key, tenant = await authenticate(rt, request, ex)
+        stores.ensure_available(rt.ledger)
         parsed = parse(raw)
         ex.note_request(parsed)
+        t0 = stage_start()
         await rate_limit(rt, tenant, key, parsed, ex)
-        decision = decide(rt, tenant, key, parsed, request, ex)
+        mark(ex, "ratelimit", t0)
+        t0 = stage_start()
+        budget_left = await read_balance(rt, tenant)
+        mark(ex, "budget.balance", t0)
+        t0 = stage_start()
+        decision = decide(rt, tenant, key, parsed, request, ex, budget_left)
+        mark(ex, "policy", t0)
         targets = [Target(rt.models[name], rt.endpoints[rt.models[name].provider]) for name in decision.candidates]
+        t0 = stage_start()
         await reserve(rt, tenant, parsed, targets, ex)
+        mark(ex, "budget.reserve", t0)
         ex.mark_upstream_start()
         result = await dispatch(
-            rt.client, targets, parsed, max_attempts=decision_max_attempts(rt, decision), sleep=rt.sleep
+            rt.client, targets, parsed, max_attempts=decision_max_attempts(rt, decision), sleep=rt.sleep,
+            attempts=ex.attempts,
         )
-    except GatewayError as exc:
+    except (GatewayError, StoreUnavailable) as caught:
+        exc = stores.fail_closed(caught)  # a store outage is a 503, never an unmetered request
         await finish_exchange(rt, ex, error=exc)
         rt.leave()
-        return render_error(exc, "openai", ex.response_headers())
+        return render_error(exc, api, ex.response_headers())
     except BaseException:
         await finish_exchange(rt, ex, error=None, crashed=True)
         rt.leave()
@@ -96,7 +116,7 @@ async def rate_limit(rt: Runtime, tenant: TenantRuntime, key: KeyRecord, parsed:
     admitted = parsed.input_tokens_bound + (parsed.max_output_tokens or 0)
     state = await rt.limiter.hit(f"tenant:{tenant.config.id}", limits, admitted)
     ex.rate_headers = state.headers()
-    ex.admitted_tokens = admitted
+    ex.admitted_tokens, ex.tokens_window_end = admitted, state.tokens_window_end
     if not state.allowed:
         rt.metrics.rejections.labels(tenant.config.id, "rate_limit").inc()
         raise RateLimited(
@@ -105,25 +125,50 @@ async def rate_limit(rt: Runtime, tenant: TenantRuntime, key: KeyRecord, parsed:
         )
 
 
+async def read_balance(rt: Runtime, tenant: TenantRuntime) -> tuple[Decimal | None, int | None]:
+    """What the tenant has left (USD, tokens) in its tightest window: candidates that cannot fit are skipped."""
+    if not tenant.budget_limits:
+        return None, None
+    # fresh=False: a routing hint may lag the last settles by a flush; `reserve` is exact.
+    return remaining_budget(await rt.ledger.balance(tenant.config.id, tenant.budget_limits, datetime.now(UTC),
+                                                    fresh=False))
+
+
+def remaining_budget(balances: Iterable[Balance]) -> tuple[Decimal | None, int | None]:
+    usd = [b.remaining_usd for b in balances if b.remaining_usd is not None]
+    tokens = [b.remaining_tokens for b in balances if b.remaining_tokens is not None]
+    return (min(usd) if usd else None), (min(tokens) if tokens else None)
+
+
 def decide(rt: Runtime, tenant: TenantRuntime, key: KeyRecord, parsed: ParsedRequest, request: Request,
-           ex: Exchange) -> Decision:
+           ex: Exchange, budget_left: tuple[Decimal | None, int | None] = (None, None)) -> Decision:
+    # One read of the policy table: a reload mid-request cannot mix two versions.
     policy = rt.policies[tenant.config.policy]
+    risk = classify(tenant.config.data_class, request.headers.get(DATA_CLASS_HEADER), parsed.body)
     facts = Facts(
         tenant=tenant.config.id,
         requested_model=parsed.model,
-        data_class=_data_class(tenant, request),
+        data_class=risk.data_class,
         input_tokens=parsed.input_tokens_bound,
         max_output_tokens=parsed.max_output_tokens,
         capabilities=parsed.capabilities,
         allowed_models=tuple(tenant.config.allowed_models),
         sticky_key=key.id,
+        sticky_user=user_hash(parsed.body),
+        remaining_budget_usd=budget_left[0],
+        remaining_budget_tokens=budget_left[1],
     )
     decision = choose(facts, rt.catalog, policy, rt.rng)
     ex.note_decision(decision, facts.data_class)
+    ex.risk = risk
     if decision.outcome == "model_not_found":
         raise ModelNotFound(f"model '{_printable(parsed.model)}' does not exist", param="model")
+    if decision.refused_for_budget():
+        rt.metrics.rejections.labels(tenant.config.id, "budget").inc()
+        raise BudgetExhausted("budget exhausted: no candidate model fits the remaining budget")
     if decision.outcome != "ok" or not decision.candidates:
-        raise ModelNotAllowed(f"model '{_printable(parsed.model)}' is not allowed for this tenant", param="model")
+        raise ModelNotAllowed(f"model '{_printable(parsed.model)}' is not allowed for this tenant: data class "
+                              f"{risk.describe()}; {_printable(decision.reason, 600)}", param="model")
     # The allow-list applies to what is actually dispatched, whatever the policy says.
     allowed = tenant.config.allowed_models
     if not all(any(fnmatch.fnmatchcase(name, glob) for glob in allowed) for name in decision.candidates):
@@ -131,15 +176,8 @@ def decide(rt: Runtime, tenant: TenantRuntime, key: KeyRecord, parsed: ParsedReq
     return decision
 
 
-def _data_class(tenant: TenantRuntime, request: Request) -> str:
-    asked = request.headers.get("x-gateway-data-class")
-    if asked in ("public", "internal", "confidential", "restricted"):
-        return max_data_class(tenant.config.data_class, asked)
-    return tenant.config.data_class
-
-
-def _printable(name: str) -> str:
-    return "".join(ch for ch in name[:128] if ch.isprintable())
+def _printable(name: str, limit: int = 128) -> str:
+    return "".join(ch for ch in name[:limit] if ch.isprintable())
 
 
 async def reserve(rt: Runtime, tenant: TenantRuntime, parsed: ParsedRequest, targets: list[Target],
@@ -152,9 +190,11 @@ async def reserve(rt: Runtime, tenant: TenantRuntime, parsed: ParsedRequest, tar
         out = parsed.max_output_tokens if parsed.max_output_tokens is not None else target.model.max_output_tokens
         worst_tokens = max(worst_tokens, parsed.input_tokens_bound + out)
         worst_usd = max(worst_usd, cost(rt.prices[target.model.name], parsed.input_tokens_bound, out))
+    ref = RequestRef(ex.request_id, ex.key_id, targets[0].model.name, targets[0].endpoint.provider)
     try:
+        # Booked in the windows of the request's start (ex.ts), like its ledger rows.
         ex.reservation = await rt.ledger.reserve(
-            tenant.config.id, tenant.budget_limits, worst_tokens, worst_usd, datetime.now(UTC)
+            tenant.config.id, tenant.budget_limits, worst_tokens, worst_usd, ex.ts, ref=ref
         )
     except BudgetExceeded as exc:
         rt.metrics.rejections.labels(tenant.config.id, "budget").inc()
@@ -162,11 +202,8 @@ async def reserve(rt: Runtime, tenant: TenantRuntime, parsed: ParsedRequest, tar
 
 
 def decision_max_attempts(rt: Runtime, decision: Decision) -> int:
-    policy = rt.policies[decision.policy]
-    for route in policy.file.routes:
-        if route.name == decision.route:
-            return route.max_attempts
-    return 3
+    # From the decision, not the policy table: a reload must not change an in-flight request.
+    return decision.max_attempts
 
 
 def request_id(rt: Runtime, request: Request) -> str:

@@ -14,16 +14,16 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import orjson
 from starlette.responses import Response
 
 from adapters.base import UpstreamError, UpstreamResponse, UpstreamStream, Usage
-from adapters.openai import ChatStreamTap, completion_text, usage_from_payload
-from budgets import LedgerEntry, Reservation, cost
-from gateway import tokens
+from adapters.stream_translate import StreamTap
+from budgets import LedgerEntry, Price, Reservation, cost, price_version
+from gateway import stores, tokens, translation
 from gateway.audit import Attempt, AuditRecord
+from gateway.datarisk import DataClassVerdict, user_hash
 from gateway.dispatch import Dispatched, Target
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, render_error
 from gateway.parsing import ParsedRequest
 from gateway.runtime import Runtime
 from gateway.streaming import RelayResponse
@@ -48,11 +48,16 @@ class Exchange:
     reservation: Reservation | None = None
     rate_headers: dict[str, str] = field(default_factory=dict)
     admitted_tokens: int = 0
+    tokens_window_end: float | None = None  # the rate-limit token window admitted_tokens went to
     upstream_started: float | None = None
     upstream_s: float = 0.0
     overhead_ms: float | None = None
     ttft_ms: float | None = None
     finished: bool = False
+    risk: DataClassVerdict | None = None
+    span: Any = None  # the request's trace span (gateway/telemetry.py); None when tracing is off
+    trace_id: str | None = None
+    stages: list[tuple[str, int, int]] = field(default_factory=list)  # (stage, start_ns, end_ns), traced only
 
     @classmethod
     def begin(cls, request_id: str, endpoint: str) -> Exchange:
@@ -87,29 +92,29 @@ class Exchange:
 
 
 async def render_json(rt: Runtime, ex: Exchange, answer: UpstreamResponse) -> Response:
-    """A non-streamed answer: the upstream body is forwarded as is; usage is read from it."""
-    payload: Any = None
+    """A non-streamed answer: forwarded as is (or translated for the client); usage is read from it."""
+    assert ex.parsed is not None and ex.target is not None
     try:
-        payload = orjson.loads(answer.body)
-    except orjson.JSONDecodeError:
-        payload = None
-    usage = usage_from_payload(payload)
-    if usage is None:
-        usage = _counted_usage(ex, completion_text(payload))
+        body, usage, produced = translation.json_answer(ex.parsed, ex.target, answer.body,
+                                                        lambda t: _counted_usage(ex, t))
+    except GatewayError as exc:  # an answer that cannot be translated for this client
+        await finish_exchange(rt, ex, error=exc)
+        return render_error(exc, "anthropic" if ex.parsed.api == "anthropic" else "openai", ex.response_headers())
     headers = ex.response_headers()
-    await finish_exchange(rt, ex, error=None, usage=usage, status=answer.status)
-    return Response(answer.body, status_code=answer.status, headers=headers, media_type="application/json")
+    completion = produced() if rt.audit.log_bodies else None
+    await finish_exchange(rt, ex, error=None, usage=usage, status=answer.status, completion=completion)
+    return Response(body, status_code=answer.status, headers=headers, media_type="application/json")
 
 
 def relay_response(rt: Runtime, ex: Exchange, stream: UpstreamStream) -> Response:
-    assert ex.parsed is not None
-    tap = ChatStreamTap(client_wants_usage=ex.parsed.client_wants_usage)
+    assert ex.parsed is not None and ex.target is not None
+    tap = translation.stream_tap(ex.parsed, ex.target)
     headers = ex.response_headers()
     headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
     return RelayResponse(_relay(rt, ex, stream, tap), status_code=stream.status, headers=headers)
 
 
-async def _relay(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: ChatStreamTap) -> AsyncIterator[bytes]:
+async def _relay(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamTap) -> AsyncIterator[bytes]:
     outcome = "stream_interrupted"
     try:
         async for chunk in stream.chunks:
@@ -124,14 +129,18 @@ async def _relay(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: ChatStr
         outcome = "ok" if tap.done and not tap.error_seen else "stream_interrupted"
     except UpstreamError as exc:
         log.warning("upstream stream failed", extra={"request_id": ex.request_id, "error": exc.kind})
-        yield b'data: {"error":{"message":"the upstream stream failed","type":"api_error","code":"upstream_error"}}\n\n'
+        yield translation.stream_error(ex.parsed.api if ex.parsed else "openai")
     except BaseException:
-        outcome = "client_disconnected"
+        # A client that hangs up after the final [DONE] got the whole answer (SDKs close as soon
+        # as they read it; llama.cpp closes its stream a moment after sending it).
+        outcome = "ok" if tap.done and not tap.error_seen else "client_disconnected"
         raise
     finally:
         await stream.aclose()
         usage = tap.usage or _counted_usage(ex, "".join(tap.text_parts))
-        await finish_exchange(rt, ex, error=None, usage=usage, status=stream.status, outcome=outcome)
+        completion = "".join(tap.text_parts) if rt.audit.log_bodies else None
+        await finish_exchange(rt, ex, error=None, usage=usage, status=stream.status, outcome=outcome,
+                              completion=completion)
         rt.leave()
 
 
@@ -139,6 +148,12 @@ def _counted_usage(ex: Exchange, produced_text: str) -> Usage:
     """Usage counted by the gateway when the upstream reported none."""
     counted_in = ex.parsed.input_tokens if ex.parsed else 0
     return Usage(input_tokens=counted_in, output_tokens=tokens.count_text(produced_text), estimated=True)
+
+
+def usage_cost(price: Price, usage: Usage) -> Decimal:
+    """Cost of normalised usage: cache reads and cache writes at their own prices where set."""
+    return cost(price, usage.input_tokens - usage.cache_write_tokens, usage.output_tokens,
+                usage.cached_input_tokens, usage.cache_write_tokens)
 
 
 async def finish_exchange(
@@ -150,6 +165,7 @@ async def finish_exchange(
     status: int = 200,
     outcome: str = "ok",
     crashed: bool = False,
+    completion: str | None = None,
 ) -> None:
     """Settle or release the reservation, count metrics, write the audit record. Runs once."""
     if ex.finished:
@@ -157,14 +173,23 @@ async def finish_exchange(
     ex.finished = True
     usage = usage or Usage()
     model = ex.target.model.name if ex.target else None
-    spent = cost(rt.prices[model], usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) if model else Decimal(0)
+    spent = usage_cost(rt.prices[model], usage) if model else Decimal(0)
     if error is not None:
         status, outcome = error.status, "error"
     elif crashed:
         status, outcome = 500, "error"
     await _settle(rt, ex, usage, spent, status, outcome)
     _count(rt, ex, usage, spent, status)
-    rt.audit.write(_audit_record(ex, usage, spent, status, outcome, error))
+    record = _audit_record(ex, usage, spent, status, outcome, error)
+    if rt.audit.log_bodies:  # redacted in the audit writer's thread, never stored raw
+        record.request_body, record.response_text = (ex.parsed.body if ex.parsed else None), completion
+    rt.audit.write(record)
+    if ex.span is not None:
+        rt.telemetry.finish(ex, usage, status, outcome, error)
+    if outcome == "ok" and status < 400:
+        rt.latency.observe_exchange(ex)
+        if ex.decision is not None and ex.decision.shadow is not None:
+            rt.shadow.mirror(ex)  # after the real answer; runs in the background
 
 
 async def _settle(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, status: int, outcome: str) -> None:
@@ -176,6 +201,7 @@ async def _settle(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, statu
             input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
             cached_input_tokens=usage.cached_input_tokens, cost_usd=spent,
             usage_estimated=usage.estimated, status=outcome,
+            price_version=price_version(rt.prices[ex.target.model.name]),
         ))
     if ex.reservation is not None:
         if entries:
@@ -184,9 +210,11 @@ async def _settle(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, statu
             await rt.ledger.release(ex.reservation)
     elif entries:
         await rt.ledger.record(entries)
-    if ex.tenant and ex.admitted_tokens and usage.total_tokens > ex.admitted_tokens:
-        tenant = rt.tenants[ex.tenant]
-        await rt.limiter.adjust_tokens(f"tenant:{ex.tenant}", tenant.rate_limits, usage.total_tokens - ex.admitted_tokens)
+    if ex.tenant and ex.admitted_tokens and usage.total_tokens != ex.admitted_tokens:
+        # Tokens per minute: the estimate counted at admission becomes the actual usage.
+        await stores.correct_rate_tokens(rt.limiter, f"tenant:{ex.tenant}", rt.tenants[ex.tenant].rate_limits,
+                                         usage.total_tokens - ex.admitted_tokens, ex.tokens_window_end)
+    rt.alerts.after_settle(ex.tenant)
 
 
 def _count(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, status: int) -> None:
@@ -194,6 +222,9 @@ def _count(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, status: int)
     tenant = ex.tenant or "-"
     model = ex.target.model.name if ex.target else "-"
     m.requests.labels(tenant, model, f"{status // 100}xx").inc()
+    m.route_requests.labels(
+        f"{ex.decision.policy}:{ex.decision.route}" if ex.decision else "-",
+        ex.target.endpoint.provider if ex.target else "-", f"{status // 100}xx").inc()
     m.duration.labels(tenant, model).observe(ex.elapsed_ms() / 1000)
     if ex.overhead_ms is not None:
         m.overhead.observe(ex.overhead_ms / 1000)
@@ -205,7 +236,7 @@ def _count(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, status: int)
         m.tokens.labels(tenant, model, "cached_input").inc(usage.cached_input_tokens)
         m.cost.labels(tenant, model).inc(float(spent))
         if ex.decision and ex.decision.candidates and ex.target.model.name != ex.decision.candidates[0]:
-            m.fallbacks.labels(ex.decision.route_label()).inc()
+            m.fallbacks.labels(f"{ex.decision.policy}:{ex.decision.route}").inc()  # no version: bounded
     for attempt in ex.attempts:
         m.attempts.labels(attempt.provider, attempt.model, attempt.outcome).inc()
 
@@ -221,6 +252,8 @@ def _audit_record(ex: Exchange, usage: Usage, spent: Decimal, status: int, outco
         api=parsed.api if parsed else "openai",
         endpoint=ex.endpoint,
         route=ex.decision.route_label() if ex.decision else None,
+        policy_version=ex.decision.version if ex.decision else None,
+        trace_id=ex.trace_id,
         model_requested=parsed.model[:128] if parsed else None,
         model_served=ex.target.model.name if ex.target else None,
         provider=ex.target.endpoint.provider if ex.target else None,
@@ -232,6 +265,8 @@ def _audit_record(ex: Exchange, usage: Usage, spent: Decimal, status: int, outco
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         cached_input_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+        usage_raw=usage.raw,
         estimated_input_tokens=parsed.input_tokens if parsed else 0,
         usage_estimated=usage.estimated,
         cost_usd=str(spent),
@@ -248,10 +283,17 @@ def _features(ex: Exchange) -> dict[str, Any]:
     parsed = ex.parsed
     if parsed is None:
         return {}
-    return {
+    features: dict[str, Any] = {
         "capabilities": sorted(parsed.capabilities),
         "input_tokens_bound": parsed.input_tokens_bound,
         "max_output_tokens": parsed.max_output_tokens,
         "candidates": list(ex.decision.candidates) if ex.decision else [],
         "rejected": [[r.model, r.reason] for r in ex.decision.rejected] if ex.decision else [],
     }
+    if ex.decision is not None:
+        features["decision"] = ex.decision.reason
+        features["shadow_model"] = ex.decision.shadow
+    if ex.risk is not None:  # why the data class is what it is: detector kinds only, never text
+        features.update(ex.risk.audit_features())
+    features["sticky_user"] = user_hash(parsed.body)  # a pseudonym, so splits replay the same way
+    return features

@@ -16,13 +16,21 @@ from pathlib import Path
 
 from adapters.base import Endpoint
 from adapters.http import UpstreamClient
-from budgets import BudgetLimit, Price, RateLimiter, RateLimits, SqliteLedger
-from gateway import tokens
+from budgets import BudgetLimit, Price, RateLimits
+from gateway import stores, tokens
+from gateway.alerts import BudgetAlerts
+from gateway.audit_spool import AuditSpool
 from gateway.audit import AuditWriter
+from gateway.audit_admin import record_config_changes
 from gateway.config import LoadedConfig, ModelConfig, ProviderConfig, TenantConfig
+from gateway.health import HealthChecker
 from gateway.keys import KeyAdmin, KeyStore
+from gateway.latency import LatencyTracker
 from gateway.metrics import Metrics
+from gateway.reload import PolicyReloader
 from gateway.settings import Settings
+from gateway.shadow import ShadowMirror
+from gateway.telemetry import Telemetry
 from routing_policies import Candidate, CompiledPolicy
 
 log = logging.getLogger("gateway")
@@ -59,6 +67,7 @@ def price_for(model: ModelConfig) -> Price:
         input_usd_per_mtok=model.input_usd_per_mtok or Decimal(0),
         output_usd_per_mtok=model.output_usd_per_mtok or Decimal(0),
         cached_input_usd_per_mtok=model.cached_input_usd_per_mtok,
+        cache_write_usd_per_mtok=model.cache_write_usd_per_mtok,
     )
 
 
@@ -94,6 +103,11 @@ class Runtime:
             name: candidate_for(m, loaded.providers[m.provider]) for name, m in loaded.models.items()
         }
         self.endpoints = {name: endpoint_for(p) for name, p in loaded.providers.items()}
+        self.health = HealthChecker(loaded, self, registry=self.metrics.registry)  # replaces self.catalog on changes
+        self.latency = LatencyTracker()  # publishes observed p95 into self.catalog
+        self.latency.register(self.metrics.registry)
+        self.reloader = PolicyReloader(self)  # replaces self.policies on a good reload
+        self.shadow = ShadowMirror(self)
         self.tenants = {
             t.id: TenantRuntime(
                 config=t,
@@ -105,9 +119,14 @@ class Runtime:
         db_path = self.db_path
         self.key_admin = KeyAdmin(db_path)
         self.keys = KeyStore(self.key_admin, loaded.config.tenants, refresh_s=settings.keys_refresh_s)
-        self.ledger = SqliteLedger(str(db_path), flush_interval_s=settings.flush_interval_s)
-        self.limiter = RateLimiter("memory://")
-        self.audit = AuditWriter(db_path, loaded.audit_jsonl_path, flush_interval_s=settings.flush_interval_s)
+        self.ledger = stores.build_ledger(loaded, settings)  # SQLite, PostgreSQL or Redis: gateway/stores.py
+        self.limiter = stores.build_limiter(loaded, settings)
+        self.alerts = BudgetAlerts(self)
+        self.audit = AuditWriter(db_path, loaded.audit_jsonl_path, flush_interval_s=settings.flush_interval_s,
+                                 log_bodies=loaded.config.audit.log_bodies,
+                                 retention_days=loaded.config.audit.retention_days)
+        self.audit.spool = AuditSpool(loaded.spool_dir)  # failed audit writes wait on disk (gateway/audit_spool.py)
+        self.telemetry = Telemetry.from_env()
         self.client = UpstreamClient(pool_size=settings.upstream_pool_size)
         self.admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else loaded.admin_key()
         self._id_prefix = "req_" + secrets.token_hex(8)
@@ -119,10 +138,9 @@ class Runtime:
 
     @property
     def db_path(self) -> Path:
-        path = self.loaded.sqlite_path
-        if path is None:
-            raise ValueError("only sqlite:/// state is supported by this build")
-        return path
+        """The gateway's own tables: a SQLite file, or (typed loosely) a PostgreSQL URL that
+        gateway.db.connect understands."""
+        return self.loaded.database  # type: ignore[return-value]
 
     def new_request_id(self) -> str:
         """Unique per process start (random prefix) and cheap (a counter): no syscall per request."""
@@ -130,10 +148,15 @@ class Runtime:
 
     async def start(self) -> None:
         await asyncio.to_thread(tokens.count_text, "warm up the tokenizer")
+        await stores.migrate(self.loaded)  # PostgreSQL: schema created/upgraded by the gateway itself
         await self.ledger.start()
         await self.audit.start()
+        await record_config_changes(self)
         await self.keys.start()
         await self.client.start()
+        await self.health.start()
+        self.latency.start(self)
+        await self.reloader.start()
         self.started = True
 
     async def close(self) -> None:
@@ -145,11 +168,17 @@ class Runtime:
                 await asyncio.wait_for(self._idle.wait(), timeout=self.settings.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain deadline reached", extra={"in_flight": self.in_flight})
+        await self.reloader.close()
+        await self.shadow.close()
+        await self.latency.close()
+        await self.health.close()
         await self.client.close()
         await self.keys.close()
+        await self.alerts.close()
         await self.ledger.close()
         await self.audit.close()
         await self.limiter.close()
+        await asyncio.to_thread(self.telemetry.shutdown)
         self.started = False
 
     def enter(self) -> None:

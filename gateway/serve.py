@@ -28,7 +28,9 @@ def app_factory():  # type: ignore[no-untyped-def]
     """Used by uvicorn's worker processes (`--workers N`)."""
     settings = Settings()
     logs.configure(settings.log_level, settings.log_json)
-    return create_app(Runtime(load_config(os.environ[_CONFIG_ENV]), settings))
+    rt = Runtime(load_config(os.environ[_CONFIG_ENV]), settings)
+    rt.reloader.handle_sighup = True  # a SIGHUP to the process group reloads policies, never kills a worker
+    return create_app(rt)
 
 
 def serve(loaded: LoadedConfig, settings: Settings) -> int:
@@ -36,9 +38,6 @@ def serve(loaded: LoadedConfig, settings: Settings) -> int:
     if settings.workers > 1 and not loaded.config.state.redis_url:
         print("error: --workers > 1 needs state.redis_url so that rate limits and budget "
               "reservations are shared by the worker processes", file=sys.stderr)
-        return 1
-    if loaded.sqlite_path is None:
-        print("error: this build stores state in SQLite only (state.database_url: sqlite:///...)", file=sys.stderr)
         return 1
     for note in loaded.warnings:
         print(f"warning: {note}", file=sys.stderr)
@@ -54,6 +53,8 @@ def serve(loaded: LoadedConfig, settings: Settings) -> int:
         os.environ[_CONFIG_ENV] = str(loaded.path)
         uvicorn.run("gateway.serve:app_factory", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
     else:
-        server = _DrainingServer(uvicorn.Config(create_app(Runtime(loaded, settings)), **common))  # type: ignore[arg-type]
+        rt = Runtime(loaded, settings)
+        rt.reloader.handle_sighup = True  # SIGHUP reloads the policies (multi-worker: uvicorn's rolling restart)
+        server = _DrainingServer(uvicorn.Config(create_app(rt), **common))  # type: ignore[arg-type]
         server.run()
     return 0

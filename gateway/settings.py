@@ -20,4 +20,8 @@ class Settings(BaseSettings):
     keys_refresh_s: float = 2.0
     flush_interval_s: float = 0.05
     upstream_pool_size: int = 512
+    # Shared ledgers: a reservation lives this long past its holder's last renewal (every
+    # third of it), so only a stopped process's reservations ever expire (docs/replicas.md).
+    reservation_ttl_s: float = 300.0
+    store_timeout_s: float = 2.0  # a Redis/PostgreSQL call slower than this fails closed (503)
     admin_api_key: SecretStr | None = None

@@ -4,13 +4,14 @@ Never imports `gateway`, `adapters` or `budgets`; the gateway converts its confi
 and request state into `Candidate` and `Facts` and calls `choose`.
 """
 
-from .engine import choose, facts_from_test, run_policy_tests
+from .engine import catalog_for_test, choose, facts_from_test, run_policy_tests
 from .filters import FILTERS, Filter, all_of
 from .model import (
     ALLOWED_BOUNDARIES,
     BOUNDARIES,
     CAPABILITIES,
     DATA_CLASSES,
+    OVER_BUDGET,
     Candidate,
     Decision,
     Facts,
@@ -51,6 +52,7 @@ __all__ = [
     "CAPABILITIES",
     "DATA_CLASSES",
     "FILTERS",
+    "OVER_BUDGET",
     "RANKERS",
     "REQUESTED",
     "Candidate",
@@ -71,6 +73,7 @@ __all__ = [
     "When",
     "YamlDoc",
     "all_of",
+    "catalog_for_test",
     "check_references",
     "choose",
     "compile_policy",

@@ -7,6 +7,7 @@ can reproduce any decision.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ from .model import Candidate, Decision, Facts, Rejected
 from .policy import REQUESTED, CompiledPolicy, PolicyTest, Route
 from .rankers import RANKERS, describe
 
-__all__ = ["choose", "facts_from_test", "run_policy_tests"]
+__all__ = ["catalog_for_test", "choose", "facts_from_test", "run_policy_tests"]
 
 _DEFAULT_FILTER = all_of(FILTERS)
 _UNKNOWN = "unknown model"
@@ -55,6 +56,8 @@ def choose(
         estimated_cost_usd={c.name: estimated_cost(facts, c) for c in ranked},
         outcome="ok",
         shadow=shadow,
+        max_attempts=route.max_attempts,
+        shadow_account=route.shadow.account if shadow is not None and route.shadow is not None else None,
     )
 
 
@@ -67,7 +70,19 @@ def facts_from_test(test: PolicyTest) -> Facts:
         input_tokens=test.input_tokens,
         max_output_tokens=test.max_output_tokens,
         capabilities=frozenset(test.capabilities),
+        remaining_budget_usd=test.remaining_budget_usd,
     )
+
+
+def catalog_for_test(test: PolicyTest, catalog: Mapping[str, Candidate]) -> Mapping[str, Candidate]:
+    """The catalog as a `tests:` case sees it: with the p95 latencies the case assumes."""
+    if not test.p95_latency_ms:
+        return catalog
+    adjusted = dict(catalog)
+    for name, p95 in test.p95_latency_ms.items():
+        if name in adjusted:
+            adjusted[name] = dataclasses.replace(adjusted[name], p95_latency_ms=p95)
+    return adjusted
 
 
 def run_policy_tests(
@@ -83,7 +98,7 @@ def run_policy_tests(
     """
     results: list[tuple[PolicyTest, str, bool]] = []
     for test in policy.file.tests:
-        decision = choose(make_facts(test), catalog, policy, random.Random(0))
+        decision = choose(make_facts(test), catalog_for_test(test, catalog), policy, random.Random(0))
         got = decision.primary if decision.primary is not None else f"error:{decision.outcome}"
         results.append((test, got, got == test.expect))
     return results
@@ -169,8 +184,10 @@ def _apply_split(
     if not entries:
         return ranked, f"{summary} (no split arm available)"
     total = sum(weight for _, weight in entries)
-    if facts.sticky_key:
-        point, how = _sticky_point(policy.name, route.name, facts.sticky_key, total), "sticky"
+    by_user = route.sticky == "user" and bool(facts.sticky_user)
+    key = facts.sticky_user if by_user else facts.sticky_key
+    if key:
+        point, how = _sticky_point(policy.name, route.name, key, total), "sticky per user" if by_user else "sticky"
     else:
         point, how = rng.randrange(total), "random"
     picked = _pick_weighted(entries, point)

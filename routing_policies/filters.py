@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from decimal import Decimal
 from fnmatch import fnmatchcase
 
-from .model import ALLOWED_BOUNDARIES, Candidate, Facts
+from .model import ALLOWED_BOUNDARIES, OVER_BUDGET, Candidate, Facts
 from .policy import Route
 
 __all__ = [
@@ -19,10 +19,12 @@ __all__ = [
     "Filter",
     "all_of",
     "allow_list",
+    "budget",
     "capabilities",
     "context_window",
     "cost_ceiling",
     "data_boundary",
+    "effective_p95",
     "estimated_cost",
     "format_usd",
     "health",
@@ -47,6 +49,14 @@ def output_tokens(facts: Facts, candidate: Candidate) -> int:
 def estimated_cost(facts: Facts, candidate: Candidate) -> Decimal:
     """Worst-case USD cost of this request on `candidate`."""
     return candidate.estimated_cost(facts.input_tokens, output_tokens(facts, candidate))
+
+
+def effective_p95(candidate: Candidate, route: Route) -> float | None:
+    """The p95 latency routing uses: observed, else what the route assumes for unobserved models."""
+    if candidate.p95_latency_ms is not None:
+        return candidate.p95_latency_ms
+    assumed = route.unknown_latency
+    return float(assumed) if isinstance(assumed, (int, float)) else None
 
 
 def format_usd(amount: Decimal) -> str:
@@ -80,12 +90,18 @@ def quality(facts: Facts, candidate: Candidate, route: Route) -> str | None:
 
 
 def latency(facts: Facts, candidate: Candidate, route: Route) -> str | None:
-    # An unobserved model (p95 None) gets the benefit of the doubt, or it never would be.
-    ceiling = route.require.max_p95_latency_ms
-    observed = candidate.p95_latency_ms
-    if ceiling is None or observed is None or observed <= ceiling:
+    # By default an unobserved model gets the benefit of the doubt, or it never would be;
+    # `unknown_latency` on the route says otherwise (reject, or assume a p95).
+    observed = effective_p95(candidate, route)
+    if observed is None:
+        if route.unknown_latency == "reject" and route.uses_latency():
+            return "p95 unknown (no latency data yet)"
         return None
-    return f"p95 {observed:.0f}ms > {ceiling:.0f}ms"
+    ceiling = route.require.max_p95_latency_ms
+    if ceiling is None or observed <= ceiling:
+        return None
+    assumed = " (assumed)" if candidate.p95_latency_ms is None else ""
+    return f"p95 {observed:.0f}ms{assumed} > {ceiling:.0f}ms"
 
 
 def capabilities(facts: Facts, candidate: Candidate, route: Route) -> str | None:
@@ -113,6 +129,21 @@ def cost_ceiling(facts: Facts, candidate: Candidate, route: Route) -> str | None
     return f"est. cost {format_usd(cost)} > max ${ceiling}"
 
 
+def budget(facts: Facts, candidate: Candidate, route: Route) -> str | None:
+    """The request's worst case on this model must fit what the tenant has left."""
+    left_usd = facts.remaining_budget_usd
+    if left_usd is not None:
+        cost = estimated_cost(facts, candidate)
+        if cost > left_usd:
+            return f"{OVER_BUDGET} (est. {format_usd(cost)} > {format_usd(left_usd)} left)"
+    left_tokens = facts.remaining_budget_tokens
+    if left_tokens is not None:
+        needed = facts.input_tokens + output_tokens(facts, candidate)
+        if needed > left_tokens:
+            return f"{OVER_BUDGET} ({needed} tokens > {left_tokens} left)"
+    return None
+
+
 def health(facts: Facts, candidate: Candidate, route: Route) -> str | None:
     return None if candidate.healthy else "unhealthy"
 
@@ -125,6 +156,7 @@ FILTERS: tuple[Filter, ...] = (
     capabilities,
     context_window,
     cost_ceiling,
+    budget,
     health,
 )
 

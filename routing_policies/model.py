@@ -11,6 +11,7 @@ __all__ = [
     "CAPABILITIES",
     "DATA_CLASSES",
     "OUTCOMES",
+    "OVER_BUDGET",
     "Candidate",
     "Decision",
     "Facts",
@@ -33,6 +34,8 @@ ALLOWED_BOUNDARIES: dict[str, frozenset[str]] = {
 }
 
 _MILLION = Decimal(1_000_000)
+# The rejection reason prefix of the budget filter; a refusal caused by it is a budget problem.
+OVER_BUDGET = "over budget"
 
 
 def max_data_class(*classes: str) -> str:
@@ -81,6 +84,13 @@ class Facts:
     capabilities: frozenset[str]
     allowed_models: tuple[str, ...] = ("*",)
     sticky_key: str = ""
+    # A pseudonymous id of the end user (the request's `user` field, hashed by the caller),
+    # for splits that are sticky per user rather than per API key.
+    sticky_user: str = ""
+    # What the tenant may still spend in its tightest budget window (None: uncapped).
+    # A candidate whose worst-case cost or tokens exceed it is rejected as "over budget".
+    remaining_budget_usd: Decimal | None = None
+    remaining_budget_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,9 @@ class Decision:
     estimated_cost_usd: dict[str, Decimal] = field(default_factory=dict)
     outcome: str = "ok"
     shadow: str | None = None
+    # Carried with the decision so a request keeps its route's setting across a policy reload.
+    max_attempts: int = 3
+    shadow_account: str | None = None
 
     @property
     def primary(self) -> str | None:
@@ -111,3 +124,7 @@ class Decision:
 
     def route_label(self) -> str:
         return f"{self.policy}@{self.version}:{self.route}"
+
+    def refused_for_budget(self) -> bool:
+        """No candidate left and at least one was dropped only for lack of budget."""
+        return not self.candidates and any(r.reason.startswith(OVER_BUDGET) for r in self.rejected)

@@ -45,6 +45,10 @@ _ERROR_EXPECTATIONS = ("error:model_not_allowed", "error:model_not_found")
 DataClass = Literal["public", "internal", "confidential", "restricted"]
 Capability = Literal["chat", "embeddings", "tools", "json", "vision"]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+# How a model with no latency data yet is treated: `allow` (passes latency ceilings, ranks
+# after observed models), `reject` (excluded where the route uses latency), or a number of
+# milliseconds to assume as its p95.
+UnknownLatency = Literal["allow", "reject"] | Annotated[float, Field(gt=0)]
 GlobList = Annotated[list[NonEmptyStr], Field(min_length=1)]
 # The Literals exist for pydantic's messages; model.py holds the canonical tuples.
 assert get_args(DataClass) == DATA_CLASSES and get_args(Capability) == CAPABILITIES
@@ -77,6 +81,8 @@ class SplitEntry(_Strict):
 class Shadow(_Strict):
     model: NonEmptyStr
     sample: Annotated[float, Field(ge=0.0, le=1.0)]
+    # The internal ledger account shadow traffic is booked to (never the tenant's budget).
+    account: NonEmptyStr = "shadow"
 
 
 class Weights(_Strict):
@@ -97,9 +103,15 @@ class Route(_Strict):
     objective: Literal["cheapest", "fastest", "ordered", "weighted"] = "ordered"
     require: Require = Require()
     split: Annotated[list[SplitEntry], Field(min_length=1)] | None = None
+    sticky: Literal["key", "user"] = "key"  # what keeps a split arm: the API key, or the `user` field
     shadow: Shadow | None = None
     weights: Weights | None = None
     max_attempts: Annotated[int, Field(ge=1)] = 3
+    unknown_latency: UnknownLatency | None = None  # None: the policy's `unknown_latency`
+
+    def uses_latency(self) -> bool:
+        """Whether observed latency matters on this route (a ceiling or a latency objective)."""
+        return self.require.max_p95_latency_ms is not None or self.objective in ("fastest", "weighted")
 
     @model_validator(mode="after")
     def _consistent(self) -> Route:
@@ -128,6 +140,9 @@ class PolicyTest(_Strict):
     input_tokens: Annotated[int, Field(ge=0)] = 100
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
     capabilities: list[Capability] = ["chat"]
+    # Observed p95 latencies to assume for this case (model -> ms), for latency-aware routes.
+    p95_latency_ms: dict[NonEmptyStr, Annotated[float, Field(gt=0)]] = {}
+    remaining_budget_usd: Annotated[Decimal, Field(ge=0)] | None = None
 
     @model_validator(mode="after")
     def _known_error(self) -> PolicyTest:
@@ -141,6 +156,7 @@ class PolicyFile(_Strict):
     routes: Annotated[list[Route], Field(min_length=1)]
     tests: list[PolicyTest] = []
     description: str | None = None
+    unknown_latency: UnknownLatency = "allow"
 
     @field_validator("routes")
     @classmethod
@@ -190,6 +206,7 @@ def compile_policy(
     file: PolicyFile, *, source_path: str = "<memory>", version: str = "", doc: YamlDoc | None = None
 ) -> CompiledPolicy:
     """Precompile an already validated policy (tests and callers without a file use this)."""
+    file = _resolve_defaults(file)
     matchers = tuple(RouteMatcher.from_when(route.when) for route in file.routes)
     return CompiledPolicy(file.name, version or "000000", source_path, file, matchers, doc)
 
@@ -258,6 +275,8 @@ def check_references(policy: CompiledPolicy, doc: YamlDoc | None, known_models: 
     for t, test in enumerate(policy.file.tests):
         if test.expect not in _ERROR_EXPECTATIONS:
             check(test.expect, ("tests", t, "expect"), f"test {t + 1} expect", requested_ok=False)
+        for name in test.p95_latency_ms:
+            check(name, ("tests", t, "p95_latency_ms", name), f"test {t + 1} p95_latency_ms", requested_ok=False)
     return errors
 
 
@@ -266,6 +285,18 @@ def _at(policy: CompiledPolicy, loc: Loc, message: str, doc: YamlDoc | None = No
     if source is None:
         return f"{policy.source_path}:1: {message}"
     return error_at(source, loc, message)
+
+
+def _resolve_defaults(file: PolicyFile) -> PolicyFile:
+    """Routes inherit the policy-wide `unknown_latency`, so filters need only the route."""
+    if all(route.unknown_latency is not None for route in file.routes):
+        return file
+    routes = [
+        route if route.unknown_latency is not None
+        else route.model_copy(update={"unknown_latency": file.unknown_latency})
+        for route in file.routes
+    ]
+    return file.model_copy(update={"routes": routes})
 
 
 def _compile_globs(patterns: str | Sequence[str] | None) -> re.Pattern[str] | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 
-from .filters import estimated_cost, format_usd
+from .filters import effective_p95, estimated_cost, format_usd
 from .model import Candidate, Facts
 from .policy import Route, Weights
 
@@ -29,7 +29,7 @@ def cheapest(facts: Facts, kept: Sequence[Candidate], route: Route) -> list[Cand
 
 def fastest(facts: Facts, kept: Sequence[Candidate], route: Route) -> list[Candidate]:
     def key(candidate: Candidate) -> tuple[bool, float]:
-        observed = candidate.p95_latency_ms
+        observed = effective_p95(candidate, route)
         return (observed is None, observed if observed is not None else 0.0)
 
     return sorted(kept, key=key)
@@ -43,7 +43,7 @@ def weighted(facts: Facts, kept: Sequence[Candidate], route: Route) -> list[Cand
     """
     weights = route.weights or _DEFAULT_WEIGHTS
     costs = _normalise_costs([estimated_cost(facts, c) for c in kept])
-    latencies = _normalise_latencies([c.p95_latency_ms for c in kept])
+    latencies = _normalise_latencies([effective_p95(c, route) for c in kept])
     scores = {
         id(candidate): weights.cost * cost + weights.latency * lat
         for candidate, cost, lat in zip(kept, costs, latencies)
@@ -65,7 +65,9 @@ def describe(facts: Facts, ranked: Sequence[Candidate], route: Route) -> str:
     if route.objective == "cheapest":
         return f"cheapest of {count} ({top.name} ${estimated_cost(facts, top):.6f})"
     if route.objective == "fastest":
-        p95 = "unknown" if top.p95_latency_ms is None else f"{top.p95_latency_ms:.0f}ms"
+        observed = effective_p95(top, route)
+        p95 = "unknown" if observed is None else f"{observed:.0f}ms"
+        p95 += " assumed" if observed is not None and top.p95_latency_ms is None else ""
         return f"fastest of {count} ({top.name} p95 {p95})"
     if route.objective == "weighted":
         weights = route.weights or _DEFAULT_WEIGHTS

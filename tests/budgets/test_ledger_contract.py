@@ -3,30 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from budgets import BudgetExceeded, BudgetLimit, Ledger, SqliteLedger
+from tests.budgets.backends import BACKENDS, started
 from tests.budgets.factories import NOW, entry
 
 D = Decimal
-LEDGERS: dict[str, Callable[[Path], Ledger]] = {
-    "sqlite": lambda tmp: SqliteLedger(str(tmp / "ledger.db"), flush_interval_s=0.01),
-}
 
 
-@pytest.fixture(params=sorted(LEDGERS))
+@pytest.fixture(params=BACKENDS)
 async def ledger(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Ledger]:
-    instance = LEDGERS[request.param](tmp_path)
-    await instance.start()
-    yield instance
-    await instance.close()
+    async with started(request.param, tmp_path) as instance:
+        yield instance
 
 
 DAY_TOKENS = [BudgetLimit("day", max_tokens=1000)]
@@ -35,6 +31,11 @@ MONTH_USD = [BudgetLimit("month", max_usd=D("1.00"))]
 
 def test_sqlite_ledger_satisfies_the_protocol(tmp_path: Path) -> None:
     assert isinstance(SqliteLedger(str(tmp_path / "x.db")), Ledger)
+
+
+async def test_every_backend_satisfies_the_protocol(ledger: Ledger) -> None:
+    assert isinstance(ledger, Ledger)
+    await ledger.check()
 
 
 async def test_reserve_then_settle_moves_the_hold_to_spend(ledger: Ledger) -> None:
@@ -294,3 +295,50 @@ def test_budget_limits_are_validated_and_exact() -> None:
         BudgetLimit("day", max_tokens=-1)
     with pytest.raises(ValueError):
         BudgetLimit("day", max_usd=D("-0.01"))
+
+
+@pytest.mark.parametrize(
+    ("window", "last_instant", "next_start"),
+    [
+        ("minute", NOW.replace(second=59, microsecond=999_999), NOW.replace(minute=6, second=0)),
+        ("hour", NOW.replace(minute=59, second=59, microsecond=999_999), NOW.replace(hour=14, minute=0, second=0)),
+        ("day", NOW.replace(hour=23, minute=59, second=59, microsecond=999_999),
+         NOW.replace(day=26, hour=0, minute=0, second=0)),
+        ("month", NOW.replace(day=30, hour=23, minute=59, second=59, microsecond=999_999),
+         NOW.replace(month=12, day=1, hour=0, minute=0, second=0)),
+    ],
+)
+async def test_calendar_windows_reset_at_the_utc_boundary_and_book_by_start_time(
+    ledger: Ledger, window: str, last_instant: datetime, next_start: datetime
+) -> None:
+    limits = [BudgetLimit(window, max_tokens=100)]
+    res = await ledger.reserve("t", limits, 100, D("0"), last_instant)  # starts in the old period
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve("t", limits, 1, D("0"), last_instant)
+    # Settled after the boundary, the row is booked at the request's start: the old period.
+    await ledger.settle(res, [entry("r1", tenant="t", ts=last_instant, input_tokens=60, output_tokens=0)])
+    [old] = await ledger.balance("t", limits, last_instant)
+    [new] = await ledger.balance("t", limits, next_start)
+    assert (old.spent_tokens, new.spent_tokens, new.remaining_tokens) == (60, 0, 100)
+    await ledger.reserve("t", limits, 100, D("0"), next_start)  # a full budget again
+
+
+async def test_total_window_never_resets(ledger: Ledger) -> None:
+    limits = [BudgetLimit("total", max_usd=D("1"))]
+    await ledger.record([entry("r1", tenant="t", ts=NOW.replace(year=2020), cost_usd="0.6")])
+    with pytest.raises(BudgetExceeded):
+        await ledger.reserve("t", limits, 0, D("0.5"), NOW)
+    await ledger.reserve("t", limits, 0, D("0.4"), NOW.replace(year=2030))
+
+
+async def test_two_caps_on_one_window_hold_and_release_once(ledger: Ledger) -> None:
+    limits = [BudgetLimit("day", max_usd=D("1")), BudgetLimit("day", max_tokens=100)]
+    for i in range(3):
+        res = await ledger.reserve("t", limits, 30, D("0.1"), NOW)
+        await ledger.settle(res, [entry(f"r{i}", tenant="t", input_tokens=20, output_tokens=0, cost_usd="0.05")])
+    usd, tokens = await ledger.balance("t", limits, NOW)
+    assert (tokens.spent_tokens, tokens.reserved_tokens, usd.reserved_usd) == (60, 0, D(0))
+    await ledger.reserve("t", limits, 40, D("0.1"), NOW)
+    with pytest.raises(BudgetExceeded) as caught:
+        await ledger.reserve("t", limits, 1, D("0"), NOW)
+    assert caught.value.kind == "tokens"

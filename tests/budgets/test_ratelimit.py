@@ -1,15 +1,32 @@
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-from budgets import RateLimiter, RateLimits, RateState
+from budgets import RateLimiter, RateLimits, RateState, StoreUnavailable
+from tests.services import REDIS_URL, redis_prefix
+from tests.tcpproxy import proxy_for
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[RateLimiter]:
+    """Every behaviour below holds on both storages."""
+    if request.param == "memory":
+        instance = RateLimiter()
+        yield instance
+        await instance.close()
+        return
+    with redis_prefix() as prefix:
+        instance = RateLimiter(REDIS_URL, key_prefix=f"LIMITS:{prefix}")
+        yield instance
+        await instance.close()
 
 
 @pytest.fixture
-async def limiter() -> AsyncIterator[RateLimiter]:
+async def memory_limiter() -> AsyncIterator[RateLimiter]:
     instance = RateLimiter()
     yield instance
     await instance.close()
@@ -22,8 +39,9 @@ class FakeClock:
 
 
 async def test_request_limit_rejects_with_headers_and_retry_after(
-    limiter: RateLimiter, monkeypatch: pytest.MonkeyPatch
+    memory_limiter: RateLimiter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    limiter = memory_limiter  # a fake clock: the Redis server keeps real time
     clock = FakeClock(monkeypatch)
     limits = RateLimits(requests_per_minute=3)
     states = [await limiter.hit("k", limits, 0) for _ in range(3)]
@@ -125,8 +143,8 @@ async def test_adjust_tokens_charges_and_refunds(limiter: RateLimiter) -> None:
     await limiter.adjust_tokens("k", limits, 30)  # used more than estimated
     assert (await limiter.hit("k", limits, 0)).remaining_tokens == 20
     await limiter.adjust_tokens(
-        "k", limits, -40
-    )  # used less: refunded (memory storage)
+        "k", limits, -40, window_end=time.time() + 60
+    )  # used less: refunded to the window it was counted in
     assert (await limiter.hit("k", limits, 0)).remaining_tokens == 60
     await limiter.adjust_tokens(
         "k", limits, 500
@@ -156,3 +174,48 @@ async def test_explicit_async_storage_uri_is_accepted() -> None:
     limiter = RateLimiter("async+memory://")
     assert (await limiter.hit("k", RateLimits(requests_per_minute=1), 0)).allowed
     await limiter.close()
+
+
+async def test_refund_never_reaches_a_later_window(limiter: RateLimiter) -> None:
+    limits = RateLimits(tokens_per_minute=100)
+    await limiter.hit("k", limits, 80)
+    # Counted in a window that ended before this one: nothing to give back here.
+    await limiter.adjust_tokens("k", limits, -50, window_end=time.time() - 5)
+    assert (await limiter.hit("k", limits, 0)).remaining_tokens == 20
+
+
+async def test_three_replicas_on_redis_admit_the_limit_not_three_times_it() -> None:
+    with redis_prefix() as prefix:
+        replicas = [RateLimiter(REDIS_URL, key_prefix=f"LIMITS:{prefix}") for _ in range(3)]
+        try:
+            limits = RateLimits(requests_per_minute=60, tokens_per_minute=10_000)
+            states = await asyncio.gather(
+                *(replicas[i % 3].hit("tenant:t", limits, 50) for i in range(180))
+            )
+            assert sum(s.allowed for s in states) == 60
+            refused = [s for s in states if not s.allowed]
+            assert all(s.retry_after_s is not None and 1 <= s.retry_after_s <= 60 for s in refused)
+            assert all(s.headers()["x-ratelimit-remaining-requests"] == "0" for s in refused)
+            after = await replicas[1].hit("tenant:t", RateLimits(tokens_per_minute=10_000), 0)
+            assert after.remaining_tokens == 10_000 - 60 * 50  # refused hits consumed nothing
+        finally:
+            for replica in replicas:
+                await replica.close()
+
+
+async def test_redis_outage_raises_store_unavailable_and_recovers() -> None:
+    with redis_prefix() as prefix, proxy_for(REDIS_URL) as proxy:
+        limiter = RateLimiter(proxy.url_for(REDIS_URL), key_prefix=f"LIMITS:{prefix}", timeout_s=1)
+        try:
+            limits = RateLimits(requests_per_minute=5)
+            assert (await limiter.hit("k", limits, 0)).allowed
+            proxy.cut()
+            with pytest.raises(StoreUnavailable):
+                await limiter.hit("k", limits, 0)
+            with pytest.raises(StoreUnavailable):
+                await limiter.check()
+            proxy.restore()
+            await limiter.check()
+            assert (await limiter.hit("k", limits, 0)).remaining_requests == 3
+        finally:
+            await limiter.close()

@@ -1,0 +1,237 @@
+"""Durable ledger rows for the shared ledgers: the ``RowStore`` seam and its PostgreSQL and
+SQLite implementations. ``insert`` is idempotent per (request id, attempt) and returns only
+the rows that were new, which is what makes replays and retries count nothing twice."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Protocol
+
+import psycopg
+
+from budgets import _store
+from budgets._pgpool import PgPool
+from budgets.ledger import GROUP_BY_FIELDS, LedgerEntry, SpendRow
+
+_INSERT = (
+    "INSERT INTO ledger_entries (request_id, attempt, ts, tenant, key_id, model, provider,"
+    " input_tokens, output_tokens, cached_input_tokens, cost_usd, cost_nano_usd,"
+    " usage_estimated, status, price_version)"
+    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+    " ON CONFLICT (request_id, attempt) DO NOTHING RETURNING request_id, attempt"
+)
+_GROUP_COLUMNS = {
+    "tenant": "tenant",
+    "model": "model",
+    "day": "to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+}
+
+
+class RowStore(Protocol):
+    name: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def check(self) -> None: ...
+
+    async def insert(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]: ...
+
+    async def window_totals(
+        self, tenant: str, start: datetime | None, end: datetime | None
+    ) -> tuple[int, Decimal]: ...
+
+    async def spend(
+        self,
+        since: datetime | None,
+        until: datetime | None,
+        tenant: str | None,
+        group_by: Sequence[str],
+    ) -> list[SpendRow]: ...
+
+    async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool: ...
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+
+
+def _params(e: LedgerEntry) -> tuple[object, ...]:
+    return (
+        e.request_id, e.attempt, _utc(e.ts), e.tenant, e.key_id, e.model, e.provider,
+        e.input_tokens, e.output_tokens, e.cached_input_tokens, e.cost_usd,
+        _store.to_nano_usd(e.cost_usd), e.usage_estimated, e.status, e.price_version,
+    )  # fmt: skip
+
+
+class PgRowStore:
+    """Rows in PostgreSQL (``ledger_entries``), shared by every replica."""
+
+    name = "postgresql"
+
+    def __init__(self, pool: PgPool) -> None:
+        self.pool = pool
+
+    async def open(self) -> None:
+        await self.pool.open()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def check(self) -> None:
+        await self.pool.check()
+
+    async def insert(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+        if not entries:
+            return []
+        return await self.pool.run(lambda conn: insert_rows(conn, entries))
+
+    async def window_totals(
+        self, tenant: str, start: datetime | None, end: datetime | None
+    ) -> tuple[int, Decimal]:
+        sql = (
+            "SELECT coalesce(sum(input_tokens + cached_input_tokens + output_tokens), 0),"
+            " coalesce(sum(cost_usd), 0) FROM ledger_entries WHERE tenant = %s"
+            " AND (%s::timestamptz IS NULL OR ts >= %s) AND (%s::timestamptz IS NULL OR ts < %s)"
+        )
+
+        async def query(conn: psycopg.AsyncConnection) -> tuple[int, Decimal]:
+            cur = await conn.execute(sql, (tenant, start, start, end, end))
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0]), Decimal(row[1])
+
+        return await self.pool.run(query)
+
+    async def spend(
+        self,
+        since: datetime | None,
+        until: datetime | None,
+        tenant: str | None,
+        group_by: Sequence[str],
+    ) -> list[SpendRow]:
+        groups = _checked_groups(group_by)
+        where, params = ["TRUE"], []  # type: ignore[var-annotated]
+        for clause, value in (("ts >= %s", since), ("ts < %s", until), ("tenant = %s", tenant)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        columns = [_GROUP_COLUMNS[g] for g in groups]
+        sql = "SELECT " + "".join(f"{c}, " for c in columns) + (
+            "count(DISTINCT request_id), coalesce(sum(input_tokens), 0),"
+            " coalesce(sum(output_tokens), 0), coalesce(sum(cached_input_tokens), 0),"
+            " coalesce(sum(cost_nano_usd), 0) FROM ledger_entries WHERE "
+        ) + " AND ".join(where)
+        if columns:
+            sql += " GROUP BY " + ", ".join(columns) + " ORDER BY " + ", ".join(columns)
+
+        async def query(conn: psycopg.AsyncConnection) -> list[SpendRow]:
+            cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+            return [_spend_row(groups, tuple(r)) for r in await cur.fetchall()]
+
+        return await self.pool.run(query)
+
+    async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool:
+        async def claim(conn: psycopg.AsyncConnection) -> bool:
+            cur = await conn.execute(
+                "INSERT INTO budget_alerts (tenant, window_key, fraction) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (tenant, window_key, fraction),
+            )
+            return cur.rowcount == 1
+
+        return await self.pool.run(claim)
+
+
+async def insert_rows(
+    conn: psycopg.AsyncConnection, entries: Sequence[LedgerEntry]
+) -> list[LedgerEntry]:
+    """Insert in one transaction; return the entries that were not there before."""
+    new: set[tuple[str, int]] = set()
+    async with conn.transaction():
+        cur = conn.cursor()
+        await cur.executemany(_INSERT, [_params(e) for e in entries], returning=True)
+        while True:
+            for request_id, attempt in await cur.fetchall():
+                new.add((request_id, int(attempt)))
+            if not cur.nextset():
+                break
+    return [e for e in entries if (e.request_id, e.attempt) in new]
+
+
+def _checked_groups(group_by: Sequence[str]) -> list[str]:
+    groups = list(dict.fromkeys(group_by))
+    unknown = [g for g in groups if g not in _GROUP_COLUMNS]
+    if unknown:
+        raise ValueError(f"cannot group spend by {unknown}; choose from {list(GROUP_BY_FIELDS)}")
+    return groups
+
+
+def _spend_row(groups: list[str], record: tuple[object, ...]) -> SpendRow:
+    keys = record[: len(groups)]
+    requests, input_tokens, output_tokens, cached, nano = record[len(groups) :]
+    return SpendRow(
+        group={g: str(k) for g, k in zip(groups, keys)},
+        requests=int(requests),  # type: ignore[call-overload]
+        input_tokens=int(input_tokens),  # type: ignore[call-overload]
+        output_tokens=int(output_tokens),  # type: ignore[call-overload]
+        cached_input_tokens=int(cached),  # type: ignore[call-overload]
+        cost_usd=_store.from_nano_usd(int(nano)),  # type: ignore[call-overload]
+    )
+
+
+class SqliteRowStore:
+    """Rows in one SQLite file, for ``--workers N`` on one host (WAL serializes writers)."""
+
+    name = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        self._conn = await asyncio.to_thread(_store.connect, self._path)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await asyncio.to_thread(self._conn.close)
+            self._conn = None
+
+    async def check(self) -> None:
+        if self._conn is None:
+            raise RuntimeError("row store is closed")
+
+    async def _call(self, fn, *args):  # type: ignore[no-untyped-def]
+        async with self._lock:
+            assert self._conn is not None, "row store is closed"
+            return await asyncio.to_thread(fn, self._conn, *args)
+
+    async def insert(self, entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+        if not entries:
+            return []
+        ignored = {(e.request_id, e.attempt) for e in await self._call(_store.insert_rows, entries)}
+        return [e for e in entries if (e.request_id, e.attempt) not in ignored]
+
+    async def window_totals(
+        self, tenant: str, start: datetime | None, end: datetime | None
+    ) -> tuple[int, Decimal]:
+        tokens, nano = await self._call(_store.window_totals, tenant, start, end)
+        return tokens, _store.from_nano_usd(nano)
+
+    async def spend(
+        self,
+        since: datetime | None,
+        until: datetime | None,
+        tenant: str | None,
+        group_by: Sequence[str],
+    ) -> list[SpendRow]:
+        return await self._call(_store.spend_rows, since, until, tenant, list(group_by))  # type: ignore[no-any-return]
+
+    async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool:
+        return await self._call(_store.claim_alert, tenant, window_key, fraction)  # type: ignore[no-any-return]

@@ -1,0 +1,1 @@
+"""Developer scripts: `make run` (run_local.py) and the local model runtime install."""
