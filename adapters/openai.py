@@ -6,6 +6,7 @@ fed with raw bytes as they arrive, so nothing is buffered beyond one SSE event.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -103,9 +104,19 @@ class ChatStreamTap:
     did not ask for it (the gateway always asks upstream).
     """
 
-    def __init__(self, *, client_wants_usage: bool) -> None:
+    def __init__(
+        self,
+        *,
+        client_wants_usage: bool,
+        input_estimate: int = 0,
+        count_text: Callable[[str], int] | None = None,
+    ) -> None:
         self._client_wants_usage = client_wants_usage
+        self._input_estimate = input_estimate
+        self._count_text = count_text
         self._buffer = b""
+        self._tool_calls_seen: set[tuple[int, int]] = set()
+        self._chunk_meta: dict[str, Any] = {}
         self.usage: Usage | None = None
         self.text_parts: list[str] = []
         self.done = False
@@ -145,6 +156,8 @@ class ChatStreamTap:
             return event
         if data == b"[DONE]":
             self.done = True
+            if self._client_wants_usage and self.usage is None and self._count_text is not None:
+                return self._counted_usage_event() + b"\n\n" + event
             return event
         try:
             obj = orjson.loads(data)
@@ -156,21 +169,25 @@ class ChatStreamTap:
         if "error" in obj:
             self.error_seen = True
             return event
-        self._note_choices(obj.get("choices"))
+        if not self._chunk_meta:
+            self._chunk_meta = {k: obj[k] for k in ("id", "created", "model", "system_fingerprint") if k in obj}
+        rewritten = self._note_choices(obj.get("choices"))
         usage = usage_from_payload(obj)
         if usage is None:
-            return event
+            return b"data: " + orjson.dumps(obj) if rewritten else event
         self.usage = usage
         if self._client_wants_usage:
-            return event
+            return b"data: " + orjson.dumps(obj) if rewritten else event
         if not obj.get("choices"):
             return None
         obj.pop("usage", None)
         return b"data: " + orjson.dumps(obj)
 
-    def _note_choices(self, choices: Any) -> None:
+    def _note_choices(self, choices: Any) -> bool:
+        """Record text and finish reasons; return True when a delta was rewritten."""
         if not isinstance(choices, list):
-            return
+            return False
+        rewritten = False
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
@@ -184,10 +201,43 @@ class ChatStreamTap:
                 self.content_started = True
                 self.text_parts.append(str(content))
             for call in delta.get("tool_calls") or ():
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict):
-                    self.content_started = True
-                    self.text_parts.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
+                if isinstance(call, dict):
+                    rewritten |= self._note_tool_call(choice.get("index", 0), call)
+        return rewritten
+
+    def _note_tool_call(self, choice_index: Any, call: dict[str, Any]) -> bool:
+        """Keep id/type/name on the first fragment of each tool call only, as OpenAI sends them.
+
+        Some servers (llama.cpp) repeat them on every fragment, which SDK accumulators
+        concatenate into names like `get_weatherget_weather`.
+        """
+        fn = call.get("function")
+        if isinstance(fn, dict):
+            self.content_started = True
+            self.text_parts.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
+        key = (choice_index if isinstance(choice_index, int) else 0, call.get("index", 0))
+        if key not in self._tool_calls_seen:
+            self._tool_calls_seen.add(key)
+            return False
+        repeated = [k for k in ("id", "type") if k in call]
+        for k in repeated:
+            del call[k]
+        if isinstance(fn, dict) and "name" in fn:
+            del fn["name"]
+            repeated.append("name")
+        return bool(repeated)
+
+    def _counted_usage_event(self) -> bytes:
+        """The usage chunk the client asked for, counted by the gateway when upstream sent none."""
+        assert self._count_text is not None
+        output = self._count_text("".join(self.text_parts))
+        self.usage = Usage(input_tokens=self._input_estimate, output_tokens=output, estimated=True)
+        chunk = {
+            **self._chunk_meta, "object": "chat.completion.chunk", "choices": [],
+            "usage": {"prompt_tokens": self._input_estimate, "completion_tokens": output,
+                      "total_tokens": self._input_estimate + output},
+        }
+        return b"data: " + orjson.dumps(chunk)
 
 
 def _data_of(event: bytes) -> bytes | None:

@@ -188,9 +188,9 @@ class RateLimiter:
             pipe.pttl(bridge.prefixed_key(storage_key))
             value, ttl_ms = await _guard(pipe.execute())
             used, reset_at = int(value or 0), now + max(ttl_ms, 0) / 1000
-        else:
-            used, reset_at = await _guard(asyncio.gather(
-                self._storage.get(storage_key), self._storage.get_expiry(storage_key)))
+        else:  # in memory: plain awaits are cheaper than a gather
+            used = await self._storage.get(storage_key)
+            reset_at = await self._storage.get_expiry(storage_key)
         # No live window yet: the hit we are about to make starts a full one.
         reset_s = min(reset_at - now, _WINDOW_S) if reset_at > now else _WINDOW_S
         return _Probe(item, cost, max(0, item.amount - used), reset_s)

@@ -92,12 +92,12 @@ def connect(url: str) -> CompatConnection:
         raise _mapped(exc) from exc
     compat = CompatConnection(conn, url)
     try:
-        row = conn.execute(
-            "SELECT to_regclass('schema_migrations') IS NOT NULL AND EXISTS (SELECT 1 FROM"
-            " schema_migrations WHERE component = %s AND version = %s)",
+        row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        current = bool(row and row[0]) and conn.execute(
+            "SELECT 1 FROM schema_migrations WHERE component = %s AND version = %s",
             (COMPONENT, MIGRATIONS[-1].version),
-        ).fetchone()
-        if not (row and row[0]):
+        ).fetchone() is not None
+        if not current:
             _migrate_sync(url)
     except psycopg.Error as exc:
         conn.close()
@@ -180,6 +180,7 @@ class CompatConnection:
 
 _JSON_EXTRACT = re.compile(r"json_extract\(", re.IGNORECASE)
 _OR_IGNORE = re.compile(r"INSERT\s+OR\s+IGNORE\s+INTO", re.IGNORECASE)
+_LIMIT = re.compile(r"LIMIT %s", re.IGNORECASE)
 
 
 @lru_cache(maxsize=512)
@@ -190,6 +191,7 @@ def translate(sql: str, has_params: bool) -> str:
         out = _OR_IGNORE.sub("INSERT INTO", out).rstrip().rstrip(";") + " ON CONFLICT DO NOTHING"
     if has_params:
         out = _placeholders(out.replace("%", "%%"))
+        out = _LIMIT.sub("LIMIT NULLIF(%s, -1)", out)  # SQLite's LIMIT -1 means no limit
     return out
 
 

@@ -271,6 +271,8 @@ def run_simulation(loaded: LoadedConfig, policy_path: str, *, since: datetime | 
         records: Iterable[Mapping[str, Any]] = iter_audit_file(Path(audit_file), since, until)
     elif loaded.sqlite_path is not None and loaded.sqlite_path.exists():
         records = iter_audit_records(loaded.sqlite_path, since, until)
+    elif loaded.sqlite_path is None:  # PostgreSQL: gateway.db.connect takes the URL
+        records = iter_audit_records(loaded.database, since, until)  # type: ignore[arg-type]
     else:
         records = []
     report = simulate(loaded, policy, records)

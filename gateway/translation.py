@@ -129,7 +129,8 @@ def stream_tap(parsed: ParsedRequest, target: TargetLike) -> StreamTap:
     """How this stream is relayed: byte for byte with a usage tap, or translated event by event."""
     provider_api = upstream_api(target)
     if parsed.api == "openai" and provider_api == "openai":
-        return openai_adapter.ChatStreamTap(client_wants_usage=parsed.client_wants_usage)
+        return openai_adapter.ChatStreamTap(client_wants_usage=parsed.client_wants_usage,
+                                            input_estimate=parsed.input_tokens, count_text=tokens.count_text)
     if parsed.api == "anthropic" and provider_api == "anthropic":
         return anthropic_adapter.MessagesStreamTap()
     names = client_tool_names(parsed, target)

@@ -108,8 +108,13 @@ def test_stream_without_upstream_usage_is_counted(gateway: RunningGateway, upstr
     stream = client(gateway).chat.completions.create(
         model="mock-a", messages=[{"role": "user", "content": "count"}], stream=True,
         stream_options={"include_usage": True})
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    # The client asked for usage: it gets the gateway's own count, like the ledger.
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert len(usage) == 1 and usage[0].completion_tokens > 0
     rows = wait_for(lambda: ledger_rows(gateway))
+    assert rows[0][3] == usage[0].completion_tokens
     assert rows[0][5] == 1 and rows[0][2] > 0 and rows[0][3] > 0
     assert wait_for(lambda: audit_rows(gateway))[0]["usage_estimated"] is True
 
