@@ -26,6 +26,7 @@ _OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -67,6 +68,15 @@ class Metrics:
             "gateway_provider_breaker_state", "0 closed (routable), 1 open (skipped: unhealthy or no key)",
             ["provider"], registry=r)
 
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, memoised: the hot path counts each request several times,
+        and label values are bounded (config names and status classes)."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

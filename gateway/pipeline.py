@@ -6,7 +6,6 @@ read body -> authenticate -> parse -> rate limit -> policy decision (pure)
 """
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -169,10 +168,8 @@ def decide(rt: Runtime, tenant: TenantRuntime, key: KeyRecord, parsed: ParsedReq
     if decision.outcome != "ok" or not decision.candidates:
         raise ModelNotAllowed(f"model '{_printable(parsed.model)}' is not allowed for this tenant: data class "
                               f"{risk.describe()}; {_printable(decision.reason, 600)}", param="model")
-    # The allow-list applies to what is actually dispatched, whatever the policy says.
-    allowed = tenant.config.allowed_models
-    if not all(any(fnmatch.fnmatchcase(name, glob) for glob in allowed) for name in decision.candidates):
-        raise ModelNotAllowed("the routed model is not allowed for this tenant", param="model")
+    # The allow-list is one of choose()'s filters, applied to every candidate that may be
+    # dispatched (primary and fallbacks), so nothing outside it can be reached.
     return decision
 
 

@@ -221,24 +221,24 @@ def _count(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, status: int)
     m = rt.metrics
     tenant = ex.tenant or "-"
     model = ex.target.model.name if ex.target else "-"
-    m.requests.labels(tenant, model, f"{status // 100}xx").inc()
-    m.route_requests.labels(
-        f"{ex.decision.policy}:{ex.decision.route}" if ex.decision else "-",
-        ex.target.endpoint.provider if ex.target else "-", f"{status // 100}xx").inc()
-    m.duration.labels(tenant, model).observe(ex.elapsed_ms() / 1000)
+    m.child(m.requests, tenant, model, f"{status // 100}xx").inc()
+    m.child(m.route_requests,
+            f"{ex.decision.policy}:{ex.decision.route}" if ex.decision else "-",
+            ex.target.endpoint.provider if ex.target else "-", f"{status // 100}xx").inc()
+    m.child(m.duration, tenant, model).observe(ex.elapsed_ms() / 1000)
     if ex.overhead_ms is not None:
         m.overhead.observe(ex.overhead_ms / 1000)
     if ex.ttft_ms is not None:
-        m.ttft.labels(model).observe(ex.ttft_ms / 1000)
+        m.child(m.ttft, model).observe(ex.ttft_ms / 1000)
     if ex.target is not None:
-        m.tokens.labels(tenant, model, "input").inc(usage.input_tokens)
-        m.tokens.labels(tenant, model, "output").inc(usage.output_tokens)
-        m.tokens.labels(tenant, model, "cached_input").inc(usage.cached_input_tokens)
-        m.cost.labels(tenant, model).inc(float(spent))
+        m.child(m.tokens, tenant, model, "input").inc(usage.input_tokens)
+        m.child(m.tokens, tenant, model, "output").inc(usage.output_tokens)
+        m.child(m.tokens, tenant, model, "cached_input").inc(usage.cached_input_tokens)
+        m.child(m.cost, tenant, model).inc(float(spent))
         if ex.decision and ex.decision.candidates and ex.target.model.name != ex.decision.candidates[0]:
-            m.fallbacks.labels(f"{ex.decision.policy}:{ex.decision.route}").inc()  # no version: bounded
+            m.child(m.fallbacks, f"{ex.decision.policy}:{ex.decision.route}").inc()  # no version: bounded
     for attempt in ex.attempts:
-        m.attempts.labels(attempt.provider, attempt.model, attempt.outcome).inc()
+        m.child(m.attempts, attempt.provider, attempt.model, attempt.outcome).inc()
 
 
 def _audit_record(ex: Exchange, usage: Usage, spent: Decimal, status: int, outcome: str,

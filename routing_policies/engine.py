@@ -32,6 +32,8 @@ def choose(
     filters: Filter = _DEFAULT_FILTER,
 ) -> Decision:
     """Pick the primary model and ordered fallbacks for one request."""
+    if facts.requested_is_alias and facts.requested_model in catalog:
+        facts = dataclasses.replace(facts, requested_is_alias=False)
     route = _first_matching_route(facts, policy)
     if route is None:
         reason = f"no route matches model '{facts.requested_model}'"

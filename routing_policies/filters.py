@@ -68,9 +68,11 @@ def format_usd(amount: Decimal) -> str:
 
 def allow_list(facts: Facts, candidate: Candidate, route: Route) -> str | None:
     # The allow-list names models or aliases: allowing the alias a client asked
-    # for allows whatever the policy resolves it to.
+    # for allows whatever the policy resolves it to; allowing a model allows only it.
     for pattern in facts.allowed_models:
-        if fnmatchcase(candidate.name, pattern) or fnmatchcase(facts.requested_model, pattern):
+        if fnmatchcase(candidate.name, pattern):
+            return None
+        if facts.requested_is_alias and fnmatchcase(facts.requested_model, pattern):
             return None
     return "not in tenant allow-list"
 

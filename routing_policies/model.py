@@ -91,6 +91,10 @@ class Facts:
     # A candidate whose worst-case cost or tokens exceed it is rejected as "over budget".
     remaining_budget_usd: Decimal | None = None
     remaining_budget_tokens: int | None = None
+    # Whether `requested_model` is an alias (not a model of the catalog); `choose` sets it.
+    # Allow-listing an alias allows what the policy routes it to; allow-listing a model
+    # allows that model only, never its fallbacks.
+    requested_is_alias: bool = True
 
 
 @dataclass(frozen=True)

@@ -312,3 +312,23 @@ def test_client_disconnect_mid_stream_settles(gateway: RunningGateway, upstream:
     assert 0 < rows[0][3] < 200  # what was produced before the client left, counted by the gateway
     assert rows[0][5] == 1
     assert gateway.runtime.in_flight == 0
+
+
+@pytest.mark.parametrize(("allowed", "asked", "served", "status"), [
+    (["fast"], "fast", "mock-a", 200),       # an allowed alias allows what it routes to
+    (["mock-b"], "fast", "mock-b", 200),     # alias not allowed: only allowed candidates stay
+    (["mock-a"], "mock-b", None, 403),       # a model outside the list is refused
+])
+def test_allow_list_applies_to_dispatched_models(
+    gw_config: dict[str, Any], start_gateway: Callable[..., RunningGateway], upstream: UpstreamProcess,
+    allowed: list[str], asked: str, served: str | None, status: int,
+) -> None:
+    gw_config["tenants"][1]["allowed_models"] = allowed
+    gw = start_gateway()
+    resp = httpx.post(f"{gw.v1}/chat/completions", headers={"authorization": f"Bearer {OTHER_KEY}"},
+                      json={"model": asked, "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status_code == status
+    if served:
+        assert resp.headers["x-gateway-model"] == served
+    else:
+        assert resp.json()["error"]["code"] == "model_not_allowed"

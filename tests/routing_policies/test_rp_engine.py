@@ -136,6 +136,11 @@ def test_data_class_boundary_table(data_class: str, boundary: str, allowed: bool
         (f.allow_list, facts(), MINI, route(), None),
         (f.allow_list, facts(allowed_models=("gpt-*",)), MINI, route(), None),
         (f.allow_list, facts(allowed_models=("fast",)), LLAMA, route(), None),  # alias allowed
+        # Allowing a model allows that model only, not what its route falls back to.
+        (f.allow_list, facts("gpt-4o-mini", allowed_models=("gpt-4o-mini",), requested_is_alias=False), LLAMA,
+         route(), "not in tenant allow-list"),
+        (f.allow_list, facts("gpt-4o-mini", allowed_models=("gpt-4o-mini",), requested_is_alias=False), MINI,
+         route(), None),
         (f.allow_list, facts(allowed_models=("gpt-*",)), LLAMA, route(), "not in tenant allow-list"),
         (f.allow_list, facts(allowed_models=()), MINI, route(), "not in tenant allow-list"),
         (f.data_boundary, facts(data_class="restricted"), MINI, route(),
@@ -498,3 +503,11 @@ def test_run_policy_tests_with_tenant_facts() -> None:
 
     assert run_policy_tests(p, CATALOG)[0][1:] == ("gpt-4o-mini", False)
     assert run_policy_tests(p, CATALOG, make_facts=tenant_facts)[0][1:] == ("error:model_not_allowed", True)
+
+
+def test_allow_listed_model_never_opens_its_fallbacks() -> None:
+    """choose() knows a concrete model from an alias by the catalog."""
+    pol = policy({"name": "r", "when": {"model": "*"}, "candidates": ["$requested", "llama-local"]})
+    decision = choose(facts("gpt-4o-mini", allowed_models=("gpt-4o-mini",)), CATALOG, pol, random.Random(0))
+    assert decision.candidates == ("gpt-4o-mini",)
+    assert [(r.model, r.reason) for r in decision.rejected] == [("llama-local", "not in tenant allow-list")]
