@@ -98,7 +98,11 @@ def merge_usage(into: dict[str, Any], update: Any) -> None:
 
 
 class MessagesStreamTap:
-    """Relays an Anthropic stream byte for byte, reading usage, text and completion as it goes."""
+    """Relays an Anthropic stream event for event, reading usage, text and completion as it goes.
+
+    Complete events only are forwarded (a partial one waits for its end); error events and
+    malformed frames are noted (`error_seen`) and dropped: the relay writes its own error frame.
+    """
 
     def __init__(self) -> None:
         self._splitter = SseSplitter()
@@ -110,24 +114,23 @@ class MessagesStreamTap:
         self.error_seen = False
 
     def feed(self, chunk: bytes) -> bytes:
-        for event in self._splitter.feed(chunk):
-            self._event(event)
-        return chunk
+        kept = [event for event in self._splitter.feed(chunk) if self._event(event)]
+        return b"\n\n".join(kept) + b"\n\n" if kept else b""
 
     def flush(self) -> bytes:
-        for event in self._splitter.flush():
-            self._event(event)
-        return b""
+        kept = [event for event in self._splitter.flush() if self._event(event)]
+        return b"\n\n".join(kept) + b"\n\n" if kept else b""
 
-    def _event(self, event: bytes) -> None:
+    def _event(self, event: bytes) -> bool:
+        """Read one event; whether it is forwarded."""
         name, data = event_fields(event)
         if name == b"ping" or not data:
-            return
+            return True
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             self.error_seen = True
-            return
+            return False
         kind = obj.get("type") if isinstance(obj, dict) else None
         if kind == "content_block_delta":
             delta = obj.get("delta") or {}
@@ -136,7 +139,10 @@ class MessagesStreamTap:
                 self.content_started = True
                 self.text_parts.append(str(piece))
         elif kind == "content_block_start":
-            self.content_started = True
+            block = obj.get("content_block") or {}
+            # An empty text or thinking block is still preamble: content starts with its first delta.
+            if not isinstance(block, dict) or block.get("type") not in ("text", "thinking") or block.get("text"):
+                self.content_started = True
         elif kind == "message_start":
             # Its output count is provisional: usage is only final once message_delta comes.
             merge_usage(self._raw_usage, (obj.get("message") or {}).get("usage"))
@@ -147,3 +153,5 @@ class MessagesStreamTap:
             self.done = True
         elif kind == "error" or name == b"error":
             self.error_seen = True
+            return False
+        return True

@@ -18,6 +18,10 @@ class Endpoint:
     api_key: str | None
     timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
+    # Unset: `timeout_s`. See adapters/http.py `Timeouts` for what each one bounds.
+    first_byte_timeout_s: float | None = None
+    idle_timeout_s: float | None = None
+    total_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,3 +104,9 @@ class UpstreamStream:
         for close in self._closers:
             close()
         self._closers.clear()
+
+    def abort(self) -> None:
+        """End the stream now (e.g. at the shutdown deadline): a pending or later read raises UpstreamError."""
+        abort = getattr(self.chunks, "abort", None)
+        if abort is not None:
+            abort()

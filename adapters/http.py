@@ -1,17 +1,50 @@
 """The one module that owns the upstream HTTP client (aiohttp, chosen by measurement).
 
 Low-level client exceptions are mapped to `UpstreamError` here and nowhere else.
+
+Timeouts (`Timeouts`, per attempt): `connect_s` bounds the TCP/TLS connect; `idle_s` the
+gap between two reads of the answer (a stalled stream ends with an UpstreamError
+"timeout"); `total_s` the whole attempt, body included (None: no cap). `first_byte_s`
+bounds the wait for an answer: for `send` the whole answer, for streams the caller
+applies it to "headers and the stream's first content" (gateway/dispatch.py), because
+only that part can still fail over invisibly.
 """
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import re
+from dataclasses import dataclass
 
 import aiohttp
 
-from adapters.base import UpstreamError, UpstreamRequest, UpstreamResponse, UpstreamStream
+from adapters.base import Endpoint, UpstreamError, UpstreamRequest, UpstreamResponse, UpstreamStream
 
 _MAX_ERROR_BODY = 64 * 1024
+ABORTED = "aborted by the gateway"  # the detail of the UpstreamError an aborted stream raises
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float = 5.0
+    first_byte_s: float = 60.0
+    idle_s: float = 60.0
+    total_s: float | None = None
+
+    @classmethod
+    def for_endpoint(cls, endpoint: Endpoint) -> Timeouts:
+        """A provider's timeouts: each unset one defaults to its `timeout_s`."""
+        return cls(
+            connect_s=endpoint.connect_timeout_s,
+            first_byte_s=endpoint.first_byte_timeout_s or endpoint.timeout_s,
+            idle_s=endpoint.idle_timeout_s or endpoint.timeout_s,
+            total_s=endpoint.total_timeout_s,
+        )
+
+    def overridden(self, connect_s: float | None = None, first_byte_s: float | None = None,
+                   idle_s: float | None = None, total_s: float | None = None) -> Timeouts:
+        """These timeouts with a policy's overrides (None keeps the provider's value)."""
+        return Timeouts(connect_s or self.connect_s, first_byte_s or self.first_byte_s, idle_s or self.idle_s,
+                        total_s if total_s is not None else self.total_s)
 
 
 class UpstreamClient:
@@ -21,6 +54,7 @@ class UpstreamClient:
         self._pool_size = pool_size
         self._pool_per_host = pool_per_host
         self._session: aiohttp.ClientSession | None = None
+        self._client_timeouts: dict[tuple[float | None, float, float], aiohttp.ClientTimeout] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -41,17 +75,35 @@ class UpstreamClient:
             await self._session.close()
             self._session = None
 
-    def _timeout(self, total_s: float, connect_s: float) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=None, connect=connect_s, sock_read=total_s)
+    @property
+    def open_connections(self) -> int:
+        """Connections to upstreams, busy or idle in the pool (for the soak check)."""
+        connector = self._session.connector if self._session is not None else None
+        if connector is None:
+            return 0
+        idle = sum(len(conns) for conns in getattr(connector, "_conns", {}).values())
+        return idle + len(getattr(connector, "_acquired", ()))
 
-    async def send(self, request: UpstreamRequest, *, timeout_s: float, connect_timeout_s: float) -> UpstreamResponse:
-        """One request, whole answer read. Non-2xx answers raise UpstreamError(kind="status")."""
+    def _client_timeout(self, total_s: float | None, connect_s: float, idle_s: float) -> aiohttp.ClientTimeout:
+        key = (total_s, connect_s, idle_s)
+        found = self._client_timeouts.get(key)
+        if found is None:
+            found = self._client_timeouts[key] = aiohttp.ClientTimeout(
+                total=total_s, sock_connect=connect_s, sock_read=idle_s)
+        return found
+
+    async def send(self, request: UpstreamRequest, *, timeouts: Timeouts | None = None,
+                   timeout_s: float | None = None, connect_timeout_s: float | None = None) -> UpstreamResponse:
+        """One request, whole answer read. Non-2xx answers raise UpstreamError(kind="status").
+
+        `timeout_s`/`connect_timeout_s` (older callers) mean Timeouts(connect, first byte = idle = timeout_s)."""
         assert self._session is not None, "UpstreamClient.start() was not awaited"
+        t = timeouts or Timeouts(connect_timeout_s or 5.0, timeout_s or 60.0, timeout_s or 60.0)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(t.total_s if t.total_s is not None else t.first_byte_s):
                 async with self._session.post(
                     request.url, data=request.body, headers=request.headers,
-                    timeout=self._timeout(timeout_s, connect_timeout_s),
+                    timeout=self._client_timeout(None, t.connect_s, t.idle_s),
                 ) as resp:
                     body = await resp.read()
                     headers = dict(resp.headers)
@@ -63,15 +115,18 @@ class UpstreamClient:
         except Exception as exc:
             raise map_exception(exc) from exc
 
-    async def open_stream(self, request: UpstreamRequest, *, timeout_s: float, connect_timeout_s: float) -> UpstreamStream:
-        """Send a request and return once the response headers are in; chunks come as they arrive."""
+    async def open_stream(self, request: UpstreamRequest, *, timeouts: Timeouts | None = None,
+                          timeout_s: float | None = None, connect_timeout_s: float | None = None) -> UpstreamStream:
+        """Send a request and return once the response headers are in; chunks come as they arrive.
+
+        The caller bounds the wait for headers (and first content) with `first_byte_s`."""
         assert self._session is not None, "UpstreamClient.start() was not awaited"
+        t = timeouts or Timeouts(connect_timeout_s or 5.0, timeout_s or 60.0, timeout_s or 60.0)
         try:
-            async with asyncio.timeout(timeout_s):
-                resp = await self._session.post(
-                    request.url, data=request.body, headers=request.headers,
-                    timeout=self._timeout(timeout_s, connect_timeout_s),
-                )
+            resp = await self._session.post(
+                request.url, data=request.body, headers=request.headers,
+                timeout=self._client_timeout(t.total_s, t.connect_s, t.idle_s),
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -80,31 +135,59 @@ class UpstreamClient:
         if resp.status >= 400:
             try:
                 body = await resp.content.read(_MAX_ERROR_BODY)
-            except Exception as exc:
-                resp.close()
-                raise map_exception(exc) from exc
             except asyncio.CancelledError:
                 resp.close()
                 raise
+            except Exception as exc:
+                resp.close()
+                raise map_exception(exc) from exc
             resp.release()
             raise status_error(resp.status, headers, body)
-        stream = UpstreamStream(status=resp.status, headers=headers, chunks=_iter_chunks(resp))
-        stream._closers.append(resp.close)
+        body_reader = _Body(resp)
+        stream = UpstreamStream(status=resp.status, headers=headers, chunks=body_reader)
+        stream._closers.append(body_reader.close)
         return stream
 
 
-async def _iter_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in resp.content.iter_any():
-            yield chunk
-    except (asyncio.CancelledError, GeneratorExit):
-        resp.close()
-        raise
-    except Exception as exc:
-        resp.close()
-        raise map_exception(exc) from exc
-    finally:
-        resp.release()
+class _Body:
+    """An upstream stream's chunks as they arrive. A class, not an async generator: one that is
+    dropped unfinished must not leave a finaliser task behind (asyncio runs those as tasks)."""
+
+    __slots__ = ("_resp", "_content", "_aborted")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self._content = resp.content
+        self._aborted = False
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._content.readany()
+        except asyncio.CancelledError:
+            self._resp.close()
+            raise
+        except Exception as exc:
+            self._resp.close()
+            raise map_exception(exc) from exc
+        if not chunk:
+            self._resp.release()
+            raise StopAsyncIteration
+        return chunk
+
+    def close(self) -> None:
+        """Give the connection back: kept for reuse when the answer was read to its end, else closed."""
+        if self._content.is_eof() and not self._aborted:
+            self._resp.release()
+        else:
+            self._resp.close()
+
+    def abort(self) -> None:
+        """End the stream now: a pending or later read raises UpstreamError("closed")."""
+        self._aborted = True
+        self._content.set_exception(UpstreamError("closed", detail=ABORTED))
 
 
 def status_error(status: int, headers: dict[str, str], body: bytes) -> UpstreamError:
@@ -128,6 +211,23 @@ def status_error(status: int, headers: dict[str, str], body: bytes) -> UpstreamE
         detail=body[:512].decode("utf-8", "replace"),
         code=code,
     )
+
+
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
+_CONTEXT_TEXT = re.compile(r"context length|context window|context_length|prompt is too long|too many tokens|"
+                           r"maximum context|exceeds the context|input is too long", re.IGNORECASE)
+_NEEDED = re.compile(r"(?:resulted in|requested|prompt is too long:)\s*(\d+)\s*tokens", re.IGNORECASE)
+
+
+def context_overflow(exc: UpstreamError) -> tuple[bool, int | None]:
+    """(whether the upstream said the request does not fit the model's context window, and the
+    token count it reported when it did). Read from the error code or the (never shown) detail."""
+    if exc.kind != "status" or exc.status not in (400, 413, 422):
+        return False, None
+    if exc.code not in _CONTEXT_CODES and not _CONTEXT_TEXT.search(exc.detail):
+        return False, None
+    needed = _NEEDED.search(exc.detail)
+    return True, int(needed.group(1)) if needed else None
 
 
 def retry_after(headers: dict[str, str]) -> float | None:

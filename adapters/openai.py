@@ -101,7 +101,8 @@ class ChatStreamTap:
 
     Captures usage (and the text, for offline counting when no usage comes), notes
     whether `[DONE]` and content arrived, and strips the usage chunk when the client
-    did not ask for it (the gateway always asks upstream).
+    did not ask for it (the gateway always asks upstream). Error events and malformed
+    frames are noted (`error_seen`) and dropped: the relay writes its own error frame.
     """
 
     def __init__(
@@ -162,13 +163,13 @@ class ChatStreamTap:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            self.error_seen = True
-            return event
+            self.error_seen = True  # a malformed frame: dropped; the relay ends the stream with its own error
+            return None
         if not isinstance(obj, dict):
             return event
         if "error" in obj:
-            self.error_seen = True
-            return event
+            self.error_seen = True  # never forwarded: it may echo the prompt (the relay writes a fixed one)
+            return None
         if not self._chunk_meta:
             self._chunk_meta = {k: obj[k] for k in ("id", "created", "model", "system_fingerprint") if k in obj}
         rewritten = self._note_choices(obj.get("choices"))
@@ -219,7 +220,7 @@ class ChatStreamTap:
         if key not in self._tool_calls_seen:
             self._tool_calls_seen.add(key)
             return False
-        repeated = [k for k in ("id", "type") if k in call]
+        repeated: list[str] = [k for k in ("id", "type") if k in call]
         for k in repeated:
             del call[k]
         if isinstance(fn, dict) and "name" in fn:

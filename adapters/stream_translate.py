@@ -49,6 +49,8 @@ class StreamRenderer(Protocol):
 
 
 class TranslatingTap:
+    renders_errors = True  # a stream error becomes the client format's error frame here (the relay adds none)
+
     def __init__(self, parser: StreamParser, renderer: StreamRenderer, *, count_text: Callable[[str], int],
                  input_estimate: int) -> None:
         self._splitter = SseSplitter()

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 import psycopg
 
@@ -116,7 +116,8 @@ class PgRowStore:
         group_by: Sequence[str],
     ) -> list[SpendRow]:
         groups = _checked_groups(group_by)
-        where, params = ["TRUE"], []  # type: ignore[var-annotated]
+        where: list[str] = ["TRUE"]
+        params: list[object] = []
         for clause, value in (("ts >= %s", since), ("ts < %s", until), ("tenant = %s", tenant)):
             if value is not None:
                 where.append(clause)
@@ -131,7 +132,7 @@ class PgRowStore:
             sql += " GROUP BY " + ", ".join(columns) + " ORDER BY " + ", ".join(columns)
 
         async def query(conn: psycopg.AsyncConnection) -> list[SpendRow]:
-            cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+            cur = await conn.execute(sql, params)
             return [_spend_row(groups, tuple(r)) for r in await cur.fetchall()]
 
         return await self.pool.run(query)
@@ -207,7 +208,7 @@ class SqliteRowStore:
         if self._conn is None:
             raise RuntimeError("row store is closed")
 
-    async def _call(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         async with self._lock:
             assert self._conn is not None, "row store is closed"
             return await asyncio.to_thread(fn, self._conn, *args)
@@ -231,7 +232,9 @@ class SqliteRowStore:
         tenant: str | None,
         group_by: Sequence[str],
     ) -> list[SpendRow]:
-        return await self._call(_store.spend_rows, since, until, tenant, list(group_by))  # type: ignore[no-any-return]
+        rows: list[SpendRow] = await self._call(_store.spend_rows, since, until, tenant, list(group_by))
+        return rows
 
     async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool:
-        return await self._call(_store.claim_alert, tenant, window_key, fraction)  # type: ignore[no-any-return]
+        claimed: bool = await self._call(_store.claim_alert, tenant, window_key, fraction)
+        return claimed

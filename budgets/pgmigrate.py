@@ -46,7 +46,7 @@ async def apply_migrations(
         for migration in migrations:
             if migration.version in have:
                 continue
-            await conn.execute(migration.sql)  # type: ignore[arg-type]
+            await conn.execute(migration.sql)
             await conn.execute(
                 "INSERT INTO schema_migrations (component, version, name) VALUES (%s, %s, %s)",
                 (component, migration.version, migration.name),

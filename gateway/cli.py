@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     def cmd(name: str, func: object, help_: str, parent: argparse._SubParsersAction = sub) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-        sp = parent.add_parser(name, help=help_)
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_)
         sp.add_argument("--config", required=True, help="gateway config YAML")
         sp.set_defaults(func=func)
         return sp

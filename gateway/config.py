@@ -9,10 +9,11 @@ import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.state_env import urls_from_env
 from routing_policies import CompiledPolicy, SourceError, YamlDoc, load_policies, load_yaml, validate
 from routing_policies.yamlsource import error_at
 
@@ -32,6 +33,14 @@ class StateConfig(_Strict):
     # Ledger/audit writes a store could not take wait here (default: beside the SQLite
     # database, or .gateway/spool); see docs/replicas.md.
     spool_dir: str | None = None
+    # Or name env vars holding the URLs (they carry passwords: keep them in a secret).
+    database_url_env: str | None = None
+    redis_url_env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _urls_from_env(cls, data: Any) -> Any:
+        return urls_from_env(data)  # gateway/state_env.py
 
     @field_validator("database_url")
     @classmethod
@@ -59,6 +68,10 @@ class ProviderConfig(_Strict):
     locality: Literal["hosted", "local"] = "hosted"
     timeout_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Per attempt (adapters/http.py Timeouts); unset: timeout_s. Policy routes may override them.
+    first_byte_timeout_s: float | None = Field(default=None, gt=0)  # headers (streams: first content)
+    idle_timeout_s: float | None = Field(default=None, gt=0)  # between stream chunks: a stall ends here
+    total_timeout_s: float | None = Field(default=None, gt=0)  # the whole attempt; unset: no cap on streams
     # Active health check (gateway/health.py): GET health_check_url (default {base_url}/models)
     # every interval; off when unset. Meant for local servers (llama.cpp, vLLM, Ollama).
     health_check_interval_s: float | None = Field(default=None, gt=0)
@@ -82,7 +95,7 @@ class ModelConfig(_Strict):
     max_output_tokens: int = Field(default=4096, ge=1)
     quality: int = 1
     data_boundary: Literal["local", "vendor_zero_retention", "vendor"] = "vendor"
-    capabilities: list[Capability] = Field(default_factory=lambda: ["chat"])
+    capabilities: list[Capability] = Field(default_factory=lambda: list[Capability](["chat"]))
 
     @property
     def priced(self) -> bool:

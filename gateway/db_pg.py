@@ -141,14 +141,14 @@ class CompatConnection:
                 return cur
             if statement.startswith("PRAGMA"):
                 return conn.execute("SELECT 1")
-            return conn.execute(translate(sql, bool(params)), params or None)  # type: ignore[arg-type]
+            return conn.execute(translate(sql, bool(params)), params or None)
         except psycopg.Error as exc:
             raise _mapped(exc) from exc
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> psycopg.Cursor:
         try:
             cur = self._live().cursor()
-            cur.executemany(translate(sql, True), list(rows))  # type: ignore[arg-type]
+            cur.executemany(translate(sql, True), list(rows))
         except psycopg.Error as exc:
             raise _mapped(exc) from exc
         return cur

@@ -1,29 +1,51 @@
 """Upstream dispatch: retries with jittered backoff (tenacity), then the next candidate.
 
-Everything happens before the first byte reaches the client: once a stream is open
-and handed back, it is never retried or replaced.
+Everything happens before the first content byte reaches the client. A stream is opened and
+read up to its first content (the preamble it holds: role chunk, message_start, ping), so an
+error event or an empty stream there fails over like any other failure, invisibly. Once
+content is handed back, the stream is never retried or replaced (gateway/relay.py).
+
+At most `max_attempts` upstream calls per request, retries and fallbacks together.
+
+| a failed attempt                                      | same model     | next candidate     | none left  |
+| ----------------------------------------------------- | -------------- | ------------------ | ---------- |
+| connect error, timeout, reset, 408/409/425, 429 rate  | retry, backoff | yes                | 502 / 504  |
+| limit, 5xx, 529, error or empty stream before content | with jitter *  |                    |            |
+| 401, 402, 403, 429 insufficient_quota (the gateway's  | no; provider's | yes (other         | 502        |
+| key): the provider's breakers open                    | models out     | providers)         |            |
+| context window exceeded                               | no             | larger window only | 400        |
+| any other 4xx                                         | no             | no                 | its status |
+
+* `retry-after` / `retry-after-ms` up to MAX_HONOURED_RETRY_AFTER_S is honoured; longer: no
+  retry, the next candidate at once. Final failures carry `x-should-retry: false`.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from adapters import openai as openai_adapter
 from adapters.base import Endpoint, UpstreamError, UpstreamRequest, UpstreamResponse, UpstreamStream
-from adapters.http import UpstreamClient
-from gateway.audit import Attempt
-from gateway.config import ModelConfig
+from adapters.http import Timeouts, UpstreamClient, context_overflow
+from adapters.stream_translate import StreamTap
 from gateway import translation
+from gateway.audit import Attempt
+from gateway.breaker import Breakers
+from gateway.config import ModelConfig
 from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamRejected
 from gateway.parsing import ParsedRequest
 
 PER_CANDIDATE_ATTEMPTS = 2
 MAX_HONOURED_RETRY_AFTER_S = 2.0
 Sleep = Callable[[float], Awaitable[None]]
+Overrides = tuple[float | None, float | None, float | None, float | None]
+_jitter = wait_random_exponential(multiplier=0.05, max=1.0)
 
 
 @dataclass(frozen=True)
@@ -38,6 +60,18 @@ class Dispatched:
     answer: UpstreamResponse | UpstreamStream
     attempts: list[Attempt] = field(default_factory=list)
     upstream_s: float = 0.0
+    tap: StreamTap | None = None  # streams: the tap that read the preamble, to relay the rest
+    preamble: bytes = b""  # streams: what the client gets first (held until content arrived)
+
+
+class DispatchStats:
+    """Retries and failovers, counted as they happen (both rare)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.retries = Counter("gateway_upstream_retries", "Attempts repeated on the same model",
+                               ["model"], registry=registry)
+        self.failovers = Counter("gateway_upstream_failovers", "Times a request left a model for the next candidate",
+                                 ["model"], registry=registry)
 
 
 def build_request(target: Target, parsed: ParsedRequest) -> UpstreamRequest:
@@ -51,18 +85,31 @@ def build_request(target: Target, parsed: ParsedRequest) -> UpstreamRequest:
     )
 
 
-def _falls_over(exc: UpstreamError) -> bool:
-    """Whether the next candidate may be tried after this failure (vs. answering the client)."""
+def classify(exc: UpstreamError) -> str:
+    """retry | refused (the gateway's key or quota) | context | fallover | reject (the caller's fault)."""
+    if exc.kind != "status":
+        return "retry"  # connect, timeout, reset, an error or empty stream before content
+    if exc.status in (401, 402, 403) or exc.code == "insufficient_quota":
+        return "refused"
     if exc.retryable:
-        return True
-    return exc.kind == "status" and exc.status in (401, 402, 403, 404)
+        return "retry"
+    if context_overflow(exc)[0]:
+        return "context"
+    if exc.status == 404:
+        return "fallover"  # the provider does not know the deployment: a config problem, not the caller's
+    return "reject"
 
 
-def _wait(state: RetryCallState) -> float:
-    exc = state.outcome.exception() if state.outcome else None
+def backoff(exc: BaseException | None, attempt_number: int) -> float:
+    """The wait before retry number `attempt_number` (1-based): a short retry-after, else jitter."""
     if isinstance(exc, UpstreamError) and exc.retry_after_s is not None:
         return min(exc.retry_after_s, MAX_HONOURED_RETRY_AFTER_S)
-    return float(wait_random_exponential(multiplier=0.05, max=1.0)(state))
+    return float(_jitter(_State(attempt_number)))
+
+
+@dataclass
+class _State:
+    attempt_number: int
 
 
 async def dispatch(
@@ -73,74 +120,216 @@ async def dispatch(
     max_attempts: int,
     sleep: Sleep,
     attempts: list[Attempt] | None = None,
+    breakers: Breakers | None = None,
+    timeouts: Overrides | None = None,
+    stats: DispatchStats | None = None,
 ) -> Dispatched:
     """Try the targets in order; raise a GatewayError when every one has failed.
 
     `attempts` (the caller's list, appended to as attempts finish) keeps the record of a
-    request that fails, for its audit record, metrics and trace."""
-    attempts = [] if attempts is None else attempts
-    started = time.perf_counter()
-    last: UpstreamError | None = None
-    inexpressible: InvalidRequest | None = None
-    for target in targets:
-        remaining = max_attempts - len(attempts)
-        if remaining <= 0:
-            break
+    request that fails, for its audit record, metrics and trace. `timeouts` are the route's
+    overrides of the providers' (connect, first byte, idle, total)."""
+    job = _Job(client, parsed, [] if attempts is None else attempts, max_attempts, sleep, breakers, timeouts, stats)
+    return await job.run(targets)
+
+
+class _Job:
+    """One request's dispatch: its attempts, what it learned from failures, its budget."""
+
+    def __init__(self, client: UpstreamClient, parsed: ParsedRequest, attempts: list[Attempt], max_attempts: int,
+                 sleep: Sleep, breakers: Breakers | None, overrides: Overrides | None,
+                 stats: DispatchStats | None) -> None:
+        self.client, self.parsed, self.attempts, self.max_attempts = client, parsed, attempts, max_attempts
+        self.sleep, self.breakers, self.overrides, self.stats = sleep, breakers, overrides, stats
+        self.started = time.perf_counter()
+        self.last: UpstreamError | None = None
+        self.inexpressible: InvalidRequest | None = None
+        self.context_error: UpstreamError | None = None
+        self.min_window = 0  # after a context-length error: only larger windows may be tried
+        self.refused: set[str] = set()  # providers that refused the gateway's key in this request
+
+    async def run(self, targets: list[Target]) -> Dispatched:
+        skipped: list[Target] = []
+        tried = False
+        for i, target in enumerate(targets):
+            remaining = self.max_attempts - len(self.attempts)
+            if remaining <= 0:
+                break
+            if target.endpoint.provider in self.refused or target.model.context_window <= self.min_window:
+                continue
+            if self.breakers is not None and not self.breakers.admit(target.model.name):
+                skipped.append(target)  # open circuit (or a half-open probe already out)
+                continue
+            tried = True
+            tries = max(1, min(PER_CANDIDATE_ATTEMPTS, remaining - (len(targets) - i - 1)))
+            result = await self._candidate(target, tries)
+            if result is not None:
+                return result
+        if not tried and skipped and self.breakers is not None and len(self.attempts) < self.max_attempts:
+            # Never every candidate open: the least recently failed one is tried anyway.
+            pick = self.breakers.least_recently_failed(t.model.name for t in skipped)
+            target = next((t for t in skipped if t.model.name == pick), None)
+            if target is not None:
+                self.breakers.force(target.model.name)
+                result = await self._candidate(target, self.max_attempts - len(self.attempts))
+                if result is not None:
+                    return result
+        raise self._final_error()
+
+    async def _candidate(self, target: Target, tries: int) -> Dispatched | None:
+        """The target's answer, or None to move on (the reason is kept for the final error)."""
         try:
-            answer = await _with_retries(client, target, parsed, attempts, min(PER_CANDIDATE_ATTEMPTS, remaining), sleep)
-        except UpstreamError as exc:
-            last = exc
-            if not _falls_over(exc):
-                raise _rejected(exc) from None
-            continue
+            answer, tap, preamble = await self._with_retries(target, tries)
         except InvalidRequest as exc:  # this candidate's format cannot express the request; another may
-            inexpressible = inexpressible or exc
-            continue
-        return Dispatched(target, answer, attempts, time.perf_counter() - started)
-    if inexpressible is not None and last is None:
-        raise inexpressible
-    raise _failed(last)
+            self.inexpressible = self.inexpressible or exc
+            if self.breakers is not None:
+                self.breakers.released(target.model.name)  # never sent: no verdict
+            return None
+        except UpstreamError as exc:
+            self.last = exc
+            action = classify(exc)
+            if action == "reject":
+                raise _rejected(exc) from None
+            if action == "context":
+                self.context_error = exc
+                self.min_window = max(self.min_window, target.model.context_window)
+            elif action == "refused":
+                self.refused.add(target.endpoint.provider)
+            if self.stats is not None:
+                self.stats.failovers.labels(target.model.name).inc()
+            return None
+        return Dispatched(target, answer, self.attempts, time.perf_counter() - self.started, tap, preamble)
+
+    async def _with_retries(self, target: Target, tries: int) -> tuple[Any, StreamTap | None, bytes]:
+        request = build_request(target, self.parsed)
+        timeouts = Timeouts.for_endpoint(target.endpoint)
+        if self.overrides is not None:
+            timeouts = timeouts.overridden(*self.overrides)
+        try:  # the first attempt without building a retry engine: the common case succeeds here
+            return await self._attempt(target, request, timeouts)
+        except UpstreamError as exc:
+            if tries <= 1 or not self._may_retry(target, exc):
+                raise
+            first = exc
+        self._count_retry(target)
+        await self.sleep(backoff(first, 1))
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(tries - 1),
+            wait=lambda state: backoff(state.outcome.exception() if state.outcome else None, state.attempt_number + 1),
+            retry=retry_if_exception(lambda e: isinstance(e, UpstreamError) and self._may_retry(target, e)),
+            before_sleep=lambda state: self._count_retry(target),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._attempt(target, request, timeouts)
+        raise AssertionError("unreachable: tenacity either returns or reraises")
+
+    def _may_retry(self, target: Target, exc: UpstreamError) -> bool:
+        if classify(exc) != "retry":
+            return False
+        if exc.retry_after_s is not None and exc.retry_after_s > MAX_HONOURED_RETRY_AFTER_S:
+            return False  # a long wait: the next candidate now is better
+        return self.breakers is None or self.breakers.closed(target.model.name)  # open or probing: move on
+
+    def _count_retry(self, target: Target) -> None:
+        if self.stats is not None:
+            self.stats.retries.labels(target.model.name).inc()
+
+    async def _attempt(self, target: Target, request: UpstreamRequest,
+                       timeouts: Timeouts) -> tuple[Any, StreamTap | None, bytes]:
+        endpoint, name = target.endpoint, target.model.name
+        t0, started_ns = time.perf_counter(), time.time_ns()
+        tap: StreamTap | None = None
+        preamble = b""
+        try:
+            if request.stream:
+                answer, tap, preamble = await self._open_stream(target, request, timeouts)
+            else:
+                answer = await self.client.send(request, timeouts=timeouts)
+        except UpstreamError as exc:
+            self.attempts.append(Attempt(name, endpoint.provider, "error", exc.status,
+                                         round((time.perf_counter() - t0) * 1000, 2), exc.kind, started_ns))
+            self._verdict(target, exc)
+            raise
+        except BaseException:
+            if self.breakers is not None:
+                self.breakers.released(name)  # cancelled: no verdict on the deployment
+            raise
+        self.attempts.append(Attempt(name, endpoint.provider, "ok", answer.status,
+                                     round((time.perf_counter() - t0) * 1000, 2), None, started_ns))
+        if self.breakers is not None:
+            self.breakers.succeeded(name)
+        return answer, tap, preamble
+
+    def _verdict(self, target: Target, exc: UpstreamError) -> None:
+        if self.breakers is None:
+            return
+        action = classify(exc)
+        if action in ("retry", "fallover"):
+            self.breakers.failed(target.model.name)
+        elif action == "refused":
+            why = "quota exhausted (insufficient_quota)" if exc.code == "insufficient_quota" else \
+                f"refused the gateway's key (HTTP {exc.status})"
+            self.breakers.provider_refused(target.endpoint.provider, why)
+        else:  # the deployment answered properly; the request was at fault
+            self.breakers.succeeded(target.model.name)
+
+    async def _open_stream(self, target: Target, request: UpstreamRequest,
+                           timeouts: Timeouts) -> tuple[UpstreamStream, StreamTap, bytes]:
+        """Open the stream and hold its preamble until the first content (bounded by first_byte_s)."""
+        try:
+            async with asyncio.timeout(timeouts.first_byte_s):
+                stream = await self.client.open_stream(request, timeouts=timeouts)
+                try:
+                    tap = translation.stream_tap(self.parsed, target)
+                    preamble = await read_preamble(stream, tap)
+                except BaseException:
+                    await stream.aclose()
+                    raise
+        except TimeoutError:
+            raise UpstreamError("timeout", detail="no content before first_byte_timeout") from None
+        return stream, tap, preamble
+
+    def _final_error(self) -> Exception:
+        if self.context_error is not None and self.last is self.context_error:
+            return UpstreamRejected("the request does not fit the model's context window (context_length_exceeded)",
+                                    status=400)
+        if self.inexpressible is not None and self.last is None:
+            return self.inexpressible
+        return _failed(self.last)
 
 
-async def _with_retries(
-    client: UpstreamClient, target: Target, parsed: ParsedRequest, attempts: list[Attempt], tries: int, sleep: Sleep
-) -> UpstreamResponse | UpstreamStream:
-    request = build_request(target, parsed)
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(tries),
-        wait=_wait,
-        retry=retry_if_exception(lambda e: isinstance(e, UpstreamError) and e.retryable),
-        sleep=sleep,
-        reraise=True,
-    )
-    async for attempt in retrying:
-        with attempt:
-            return await _attempt(client, target, request, attempts)
-    raise AssertionError("unreachable: tenacity either returns or reraises")
+async def read_preamble(stream: UpstreamStream, tap: StreamTap) -> bytes:
+    """Read until the first content (or a complete answer without any); what the client gets first.
+
+    An error event, a malformed frame or a stream that ends with nothing is an UpstreamError,
+    so the caller can retry or fail over before the client has seen a byte."""
+    parts: list[bytes] = []
+    async for chunk in stream.chunks:
+        out = tap.feed(chunk)
+        if tap.error_seen:
+            raise UpstreamError("protocol", detail="error event or malformed frame before the first content")
+        if out:
+            parts.append(out)
+        if tap.content_started or tap.done:
+            return b"".join(parts)
+    tail = tap.flush()
+    if tap.error_seen or not stream_complete(tap):
+        raise UpstreamError("closed", detail="the stream ended before any content")
+    parts.append(tail)
+    return b"".join(parts)
 
 
-async def _attempt(
-    client: UpstreamClient, target: Target, request: UpstreamRequest, attempts: list[Attempt]
-) -> UpstreamResponse | UpstreamStream:
-    endpoint = target.endpoint
-    t0, started_ns = time.perf_counter(), time.time_ns()
-    try:
-        answer: Any
-        if request.stream:
-            answer = await client.open_stream(request, timeout_s=endpoint.timeout_s, connect_timeout_s=endpoint.connect_timeout_s)
-        else:
-            answer = await client.send(request, timeout_s=endpoint.timeout_s, connect_timeout_s=endpoint.connect_timeout_s)
-    except UpstreamError as exc:
-        attempts.append(Attempt(target.model.name, endpoint.provider, "error", exc.status,
-                                round((time.perf_counter() - t0) * 1000, 2), exc.kind, started_ns))
-        raise
-    attempts.append(Attempt(target.model.name, endpoint.provider, "ok", answer.status,
-                            round((time.perf_counter() - t0) * 1000, 2), None, started_ns))
-    return answer  # type: ignore[no-any-return]
+def stream_complete(tap: StreamTap) -> bool:
+    """The upstream finished its answer: [DONE] / message_stop, or (OpenAI-compatible servers
+    that close without [DONE]) a finish reason."""
+    return tap.done or getattr(tap, "finish_reason", None) is not None
 
 
 def _rejected(exc: UpstreamError) -> UpstreamRejected:
-    code = f" ({exc.code})" if exc.code and exc.code.replace("_", "").isalnum() else ""
+    code = f" ({exc.code})" if exc.code and exc.code.replace("_", "").isalnum() and len(exc.code) <= 64 else ""
     return UpstreamRejected(f"the upstream model rejected the request{code}", status=exc.status or 400)
 
 

@@ -52,7 +52,7 @@ class KeyRecord:
 
 
 def _row(row: tuple[str, ...]) -> KeyRecord:
-    return KeyRecord(*row)  # type: ignore[arg-type]
+    return KeyRecord(*row)
 
 
 _COLUMNS = "id, tenant, key_sha256, name, created_at, expires_at, last_used_at, revoked_at"

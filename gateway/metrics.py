@@ -65,7 +65,8 @@ class Metrics:
             "gateway_budget_remaining_tokens", "Tokens left in the current budget window (after reservations)",
             ["tenant", "window"], registry=r)
         self.breaker_state = Gauge(
-            "gateway_provider_breaker_state", "0 closed (routable), 1 open (skipped: unhealthy or no key)",
+            "gateway_provider_breaker_state",
+            "0 closed (routable), 1 open (every model skipped: unhealthy, no key, or circuit open)",
             ["provider"], registry=r)
 
 
@@ -90,7 +91,8 @@ class Metrics:
     def set_breakers(self, catalog: dict[str, Any]) -> None:
         routable: dict[str, bool] = {}
         for candidate in catalog.values():
-            routable[candidate.provider] = routable.get(candidate.provider, False) or bool(candidate.healthy)
+            ok = bool(candidate.healthy) and not getattr(candidate, "breaker", None)  # circuit open: skipped too
+            routable[candidate.provider] = routable.get(candidate.provider, False) or ok
         for provider, ok in routable.items():
             self.breaker_state.labels(provider).set(0 if ok else 1)
 

@@ -26,6 +26,7 @@ from gateway.errors import (
 from gateway.keys import KeyRecord
 from gateway.parsing import ParsedRequest, read_body
 from gateway.relay import Exchange, finish_exchange, relay_response, render_json
+from gateway.streaming import DisconnectWatch
 
 __all__ = ["Exchange", "authenticate", "handle", "request_id", "presented_key"]
 from gateway.runtime import Runtime, TenantRuntime
@@ -46,11 +47,16 @@ async def handle(rt: Runtime, request: Request, parse: Parser, endpoint: str, ap
     try:
         if rt.draining:
             raise ServiceUnavailable("the gateway is shutting down", headers={"retry-after": "1"})
+        if not rt.shedder.try_acquire():  # at capacity: queue (bounded) or refuse fast (gateway/shedding.py)
+            await rt.shedder.acquire(api)
+        ex.slot = True
         raw = await read_body(request, rt.loaded.config.server.max_body_bytes)
         key, tenant = await authenticate(rt, request, ex)
         stores.ensure_available(rt.ledger)
         parsed = parse(raw)
         ex.note_request(parsed)
+        if parsed.stream:  # from here to the last byte, a client that leaves cancels the upstream call
+            ex.watch = DisconnectWatch(request.receive)
         t0 = stage_start()
         await rate_limit(rt, tenant, key, parsed, ex)
         mark(ex, "ratelimit", t0)
@@ -67,23 +73,34 @@ async def handle(rt: Runtime, request: Request, parse: Parser, endpoint: str, ap
         ex.mark_upstream_start()
         result = await dispatch(
             rt.client, targets, parsed, max_attempts=decision_max_attempts(rt, decision), sleep=rt.sleep,
-            attempts=ex.attempts,
+            attempts=ex.attempts, breakers=rt.breakers, timeouts=decision.timeouts, stats=rt.dispatch_stats,
         )
     except (GatewayError, StoreUnavailable) as caught:
+        if ex.watch is not None:
+            ex.watch.stop()
         exc = stores.fail_closed(caught)  # a store outage is a 503, never an unmetered request
         await finish_exchange(rt, ex, error=exc)
         rt.leave()
         return render_error(exc, api, ex.response_headers())
     except BaseException:
+        if ex.watch is not None:
+            ex.watch.stop()
+            if ex.watch.absorb():  # the client left before its stream began: the upstream call is cancelled
+                await finish_exchange(rt, ex, error=None, status=499, outcome="client_disconnected")
+                rt.leave()
+                return Response(status_code=499)
         await finish_exchange(rt, ex, error=None, crashed=True)
         rt.leave()
         raise
     ex.note_dispatched(result)
     if isinstance(result.answer, UpstreamStream):
-        return relay_response(rt, ex, result.answer)  # settles, audits and leaves when the stream ends
+        # settles, audits and leaves when the stream ends
+        return relay_response(rt, ex, result.answer, result.tap, result.preamble)
     try:
         return await render_json(rt, ex, result.answer)
     finally:
+        if ex.watch is not None:
+            ex.watch.stop()
         rt.leave()
 
 
@@ -158,6 +175,8 @@ def decide(rt: Runtime, tenant: TenantRuntime, key: KeyRecord, parsed: ParsedReq
         remaining_budget_tokens=budget_left[1],
     )
     decision = choose(facts, rt.catalog, policy, rt.rng)
+    if not decision.candidates and rt.breakers.open_count:  # never every candidate's circuit open at once
+        decision = rt.breakers.revive(decision, lambda catalog: choose(facts, catalog, policy, rt.rng))
     ex.note_decision(decision, facts.data_class)
     ex.risk = risk
     if decision.outcome == "model_not_found":

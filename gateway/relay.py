@@ -17,16 +17,18 @@ from typing import Any
 from starlette.responses import Response
 
 from adapters.base import UpstreamError, UpstreamResponse, UpstreamStream, Usage
+from adapters.http import ABORTED
+from adapters.sse_openai import DONE
 from adapters.stream_translate import StreamTap
 from budgets import LedgerEntry, Price, Reservation, cost, price_version
 from gateway import stores, tokens, translation
 from gateway.audit import Attempt, AuditRecord
 from gateway.datarisk import DataClassVerdict, user_hash
-from gateway.dispatch import Dispatched, Target
+from gateway.dispatch import Dispatched, Target, stream_complete
 from gateway.errors import GatewayError, render_error
 from gateway.parsing import ParsedRequest
 from gateway.runtime import Runtime
-from gateway.streaming import RelayResponse
+from gateway.streaming import DisconnectWatch, RelayResponse
 from routing_policies import Decision
 
 log = logging.getLogger("gateway.request")
@@ -58,6 +60,8 @@ class Exchange:
     span: Any = None  # the request's trace span (gateway/telemetry.py); None when tracing is off
     trace_id: str | None = None
     stages: list[tuple[str, int, int]] = field(default_factory=list)  # (stage, start_ns, end_ns), traced only
+    slot: bool = False  # holds a capacity slot (gateway/shedding.py) until finished
+    watch: DisconnectWatch | None = None  # streams: cancels the request when the client leaves
 
     @classmethod
     def begin(cls, request_id: str, endpoint: str) -> Exchange:
@@ -106,42 +110,79 @@ async def render_json(rt: Runtime, ex: Exchange, answer: UpstreamResponse) -> Re
     return Response(body, status_code=answer.status, headers=headers, media_type="application/json")
 
 
-def relay_response(rt: Runtime, ex: Exchange, stream: UpstreamStream) -> Response:
+def relay_response(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamTap | None = None,
+                   preamble: bytes = b"") -> Response:
+    """The client's stream: `preamble` (what dispatch held until the first content) then the rest."""
     assert ex.parsed is not None and ex.target is not None
-    tap = translation.stream_tap(ex.parsed, ex.target)
+    if tap is None:
+        tap = translation.stream_tap(ex.parsed, ex.target)
     headers = ex.response_headers()
     headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-    return RelayResponse(_relay(rt, ex, stream, tap), status_code=stream.status, headers=headers)
+    return RelayResponse(_relay(rt, ex, stream, tap, preamble), status_code=stream.status, headers=headers,
+                         watch=ex.watch)
 
 
-async def _relay(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamTap) -> AsyncIterator[bytes]:
+async def _relay(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamTap,
+                 preamble: bytes) -> AsyncIterator[bytes]:
+    """Relay an opened stream. Content has reached the client once this yields, so there is no
+    second stream: a failure (cut, stall, error event, malformed frame, shutdown deadline) ends
+    it with an in-band error frame and no [DONE] / message_stop, and the SDK raises. The stream
+    ends as soon as the upstream's [DONE] / message_stop arrives, not when its connection closes."""
+    api = ex.parsed.api if ex.parsed else "openai"
     outcome = "stream_interrupted"
+    key = id(stream)
+    rt.open_streams[key] = stream  # cut with an in-band error at the shutdown deadline
     try:
-        async for chunk in stream.chunks:
-            out = tap.feed(chunk)
-            if out:
-                if ex.ttft_ms is None and tap.content_started:
-                    ex.ttft_ms = round(ex.elapsed_ms(), 3)
-                yield out
-        tail = tap.flush()
-        if tail:
-            yield tail
-        outcome = "ok" if tap.done and not tap.error_seen else "stream_interrupted"
+        if preamble:
+            if tap.content_started:
+                ex.ttft_ms = round(ex.elapsed_ms(), 3)
+            yield preamble
+        if not (tap.done or tap.error_seen):
+            async for chunk in stream.chunks:
+                out = tap.feed(chunk)
+                if out:
+                    if ex.ttft_ms is None and tap.content_started:
+                        ex.ttft_ms = round(ex.elapsed_ms(), 3)
+                    yield out
+                if tap.done or tap.error_seen:
+                    break
+            else:
+                tail = tap.flush()
+                if tail:
+                    yield tail
+        if stream_complete(tap) and not tap.error_seen:
+            outcome = "ok"
+            if not tap.done and api == "openai" and not getattr(tap, "renders_errors", False):
+                yield DONE  # an OpenAI-compatible server that closed after its finish reason
+        else:
+            _stream_failed(rt, ex, "error event" if tap.error_seen else "ended early")
+            if not (tap.error_seen and getattr(tap, "renders_errors", False)):
+                yield translation.stream_error(api)
     except UpstreamError as exc:
-        log.warning("upstream stream failed", extra={"request_id": ex.request_id, "error": exc.kind})
-        yield translation.stream_error(ex.parsed.api if ex.parsed else "openai")
+        if exc.detail == ABORTED:
+            outcome = "drain_deadline"
+        else:
+            _stream_failed(rt, ex, exc.kind)
+        yield translation.stream_error(api)
     except BaseException:
-        # A client that hangs up after the final [DONE] got the whole answer (SDKs close as soon
-        # as they read it; llama.cpp closes its stream a moment after sending it).
-        outcome = "ok" if tap.done and not tap.error_seen else "client_disconnected"
+        # A client that hangs up after the final [DONE] got the whole answer.
+        outcome = "ok" if stream_complete(tap) and not tap.error_seen else "client_disconnected"
         raise
     finally:
+        rt.open_streams.pop(key, None)
         await stream.aclose()
         usage = tap.usage or _counted_usage(ex, "".join(tap.text_parts))
         completion = "".join(tap.text_parts) if rt.audit.log_bodies else None
         await finish_exchange(rt, ex, error=None, usage=usage, status=stream.status, outcome=outcome,
                               completion=completion)
         rt.leave()
+
+
+def _stream_failed(rt: Runtime, ex: Exchange, why: str) -> None:
+    """After its first content a stream failed: the deployment's breaker hears of it."""
+    log.warning("upstream stream failed", extra={"request_id": ex.request_id, "error": why})
+    if ex.target is not None:
+        rt.breakers.failed(ex.target.model.name)
 
 
 def _counted_usage(ex: Exchange, produced_text: str) -> Usage:
@@ -171,6 +212,9 @@ async def finish_exchange(
     if ex.finished:
         return
     ex.finished = True
+    if ex.slot:
+        ex.slot = False
+        rt.shedder.release()
     usage = usage or Usage()
     model = ex.target.model.name if ex.target else None
     spent = usage_cost(rt.prices[model], usage) if model else Decimal(0)

@@ -5,6 +5,7 @@ No module-level state: the app gets one `Runtime`, and tests build their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-from adapters.base import Endpoint
+from adapters.base import Endpoint, UpstreamStream
 from adapters.http import UpstreamClient
 from budgets import BudgetLimit, Price, RateLimits
 from gateway import stores, tokens
@@ -22,6 +23,9 @@ from gateway.alerts import BudgetAlerts
 from gateway.audit_spool import AuditSpool
 from gateway.audit import AuditWriter
 from gateway.audit_admin import record_config_changes
+from gateway.breaker import Breakers, BreakerSettings
+from gateway.breaker_sync import BreakerSync
+from gateway.dispatch import DispatchStats
 from gateway.config import LoadedConfig, ModelConfig, ProviderConfig, TenantConfig
 from gateway.health import HealthChecker
 from gateway.keys import KeyAdmin, KeyStore
@@ -30,6 +34,7 @@ from gateway.metrics import Metrics
 from gateway.reload import PolicyReloader
 from gateway.settings import Settings
 from gateway.shadow import ShadowMirror
+from gateway.shedding import LoadCollector, Shedder
 from gateway.telemetry import Telemetry
 from routing_policies import Candidate, CompiledPolicy
 
@@ -79,6 +84,9 @@ def endpoint_for(provider: ProviderConfig) -> Endpoint:
         api_key=provider.api_key(),
         timeout_s=provider.timeout_s,
         connect_timeout_s=provider.connect_timeout_s,
+        first_byte_timeout_s=provider.first_byte_timeout_s,
+        idle_timeout_s=provider.idle_timeout_s,
+        total_timeout_s=provider.total_timeout_s,
     )
 
 
@@ -128,6 +136,7 @@ class Runtime:
         self.audit.spool = AuditSpool(loaded.spool_dir)  # failed audit writes wait on disk (gateway/audit_spool.py)
         self.telemetry = Telemetry.from_env()
         self.client = UpstreamClient(pool_size=settings.upstream_pool_size)
+        self._wire_resilience(loaded, settings)
         self.admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else loaded.admin_key()
         self._id_prefix = "req_" + secrets.token_hex(8)
         self._id_counter = itertools.count(1)
@@ -135,6 +144,45 @@ class Runtime:
         self.started = False
         self.in_flight = 0
         self._idle = asyncio.Event()
+
+    def _wire_resilience(self, loaded: LoadedConfig, settings: Settings) -> None:
+        """Breakers (publishing into self.catalog), shedding, retry counters, streams to cut at shutdown."""
+        registry = self.metrics.registry
+        self.breakers = Breakers({name: m.provider for name, m in loaded.models.items()}, self, BreakerSettings(
+            failure_threshold=settings.breaker_failure_threshold, error_ratio=settings.breaker_error_ratio,
+            window_s=settings.breaker_window_s, min_requests=settings.breaker_min_requests,
+            cooldown_s=settings.breaker_cooldown_s, max_cooldown_s=settings.breaker_max_cooldown_s,
+            key_cooldown_s=settings.breaker_key_cooldown_s), registry=registry)
+        state = loaded.config.state
+        self.breaker_sync = BreakerSync(self.breakers, state.redis_url, state.redis_key_prefix,
+                                        interval_s=settings.breaker_sync_s) if state.redis_url else None
+        self.shedder = Shedder(settings.max_active_requests, settings.max_queued_requests, settings.queue_timeout_s,
+                               registry=registry)
+        registry.register(LoadCollector(self.shedder, lambda: self.client.open_connections))
+        self.dispatch_stats = DispatchStats(registry)
+        self.open_streams: dict[int, UpstreamStream] = {}
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new requests (/readyz 503) and end streams still open at the grace deadline.
+        Safe to call from a signal handler."""
+        if self.loop is None or self.draining:
+            self.draining = True
+            return
+        self.draining = True
+        self.loop.call_soon_threadsafe(self._arm_drain_deadline)
+
+    def _arm_drain_deadline(self) -> None:
+        if self._drain_timer is None:
+            self._drain_timer = asyncio.get_running_loop().call_later(self.settings.drain_timeout_s, self.cut_streams)
+
+    def cut_streams(self) -> None:
+        """The grace deadline: every stream still relaying ends now with an in-band error, and settles."""
+        if self.open_streams:
+            log.warning("drain deadline reached: ending open streams", extra={"streams": len(self.open_streams)})
+        for stream in list(self.open_streams.values()):
+            stream.abort()
 
     @property
     def db_path(self) -> Path:
@@ -157,6 +205,9 @@ class Runtime:
         await self.health.start()
         self.latency.start(self)
         await self.reloader.start()
+        if self.breaker_sync is not None:
+            await self.breaker_sync.start()
+        self.loop = asyncio.get_running_loop()
         self.started = True
 
     async def close(self) -> None:
@@ -168,6 +219,14 @@ class Runtime:
                 await asyncio.wait_for(self._idle.wait(), timeout=self.settings.drain_timeout_s)
             except TimeoutError:
                 log.warning("drain deadline reached", extra={"in_flight": self.in_flight})
+                self.cut_streams()  # in-band errors, then settled by their relays
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), timeout=2.0)
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        if self.breaker_sync is not None:
+            await self.breaker_sync.close()
+        self.breakers.close()
         await self.reloader.close()
         await self.shadow.close()
         await self.latency.close()

@@ -17,10 +17,27 @@ _CONFIG_ENV = "GATEWAY_CONFIG_FILE"
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn re-raises SIGTERM after its shutdown; a completed drain should exit 0."""
+    """SIGTERM/SIGINT: /readyz turns 503 at once and the grace deadline starts (streams still open
+    then end with in-band errors, gateway/runtime.py); after `drain_readiness_delay_s` uvicorn
+    stops accepting and waits for in-flight requests. uvicorn re-raises the signal after its
+    shutdown; a completed drain should exit 0."""
+
+    def __init__(self, config: uvicorn.Config, rt: Runtime) -> None:
+        super().__init__(config)
+        self.rt = rt
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        delay = self.rt.settings.drain_readiness_delay_s
+        first = not self.rt.draining
+        self.rt.begin_drain()
+        if first and delay > 0 and self.rt.loop is not None:
+            self.rt.loop.call_soon_threadsafe(self.rt.loop.call_later, delay, self._stop_accepting, sig)
+            return
         super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+    def _stop_accepting(self, sig: int) -> None:
+        super().handle_exit(sig, None)
         self._captured_signals.clear()
 
 
@@ -46,7 +63,9 @@ def serve(loaded: LoadedConfig, settings: Settings) -> int:
     print(f"create a tenant key: gateway keys create --config {loaded.path} --tenant <tenant-id>", flush=True)
     common = dict(
         host=settings.host, port=settings.port, loop="uvloop", http="httptools", access_log=False,
-        log_config=None, timeout_graceful_shutdown=int(settings.drain_timeout_s), lifespan="on",
+        # uvicorn's own cut comes after ours (gateway/runtime.py cut_streams ends streams in-band first).
+        log_config=None, timeout_graceful_shutdown=int(settings.drain_timeout_s + settings.drain_readiness_delay_s) + 5,
+        lifespan="on",
         backlog=4096, timeout_keep_alive=30, proxy_headers=False, server_header=False,
     )
     if settings.workers > 1:
@@ -55,6 +74,6 @@ def serve(loaded: LoadedConfig, settings: Settings) -> int:
     else:
         rt = Runtime(loaded, settings)
         rt.reloader.handle_sighup = True  # SIGHUP reloads the policies (multi-worker: uvicorn's rolling restart)
-        server = _DrainingServer(uvicorn.Config(create_app(rt), **common))  # type: ignore[arg-type]
+        server = _DrainingServer(uvicorn.Config(create_app(rt), **common), rt)  # type: ignore[arg-type]
         server.run()
     return 0

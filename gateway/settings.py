@@ -25,3 +25,18 @@ class Settings(BaseSettings):
     reservation_ttl_s: float = 300.0
     store_timeout_s: float = 2.0  # a Redis/PostgreSQL call slower than this fails closed (503)
     admin_api_key: SecretStr | None = None
+    # Overload shedding (gateway/shedding.py): requests in progress per replica, and waiting.
+    max_active_requests: int = 512
+    max_queued_requests: int = 256
+    queue_timeout_s: float = 5.0
+    # Circuit breakers per model (gateway/breaker.py).
+    breaker_failure_threshold: int = 5
+    breaker_error_ratio: float = 0.5
+    breaker_window_s: float = 30.0
+    breaker_min_requests: int = 20
+    breaker_cooldown_s: float = 5.0
+    breaker_max_cooldown_s: float = 300.0
+    breaker_key_cooldown_s: float = 60.0
+    breaker_sync_s: float = 0.5  # with state.redis_url: how often replicas share breaker state
+    # SIGTERM: /readyz answers 503 this long before the listener closes (load balancer catch-up).
+    drain_readiness_delay_s: float = 0.0

@@ -189,7 +189,7 @@ class Telemetry:
 
 def _provider_name(endpoint: Any) -> str:
     """The semconv provider name: `openai`/`anthropic` for those APIs, else the configured name."""
-    return endpoint.type if endpoint.type in ("openai", "anthropic") else endpoint.provider
+    return str(endpoint.type if endpoint.type in ("openai", "anthropic") else endpoint.provider)
 
 
 def stage_start() -> int:

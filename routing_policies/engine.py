@@ -59,6 +59,7 @@ def choose(
         outcome="ok",
         shadow=shadow,
         max_attempts=route.max_attempts,
+        timeouts=route.timeouts.as_tuple() if route.timeouts is not None else None,
         shadow_account=route.shadow.account if shadow is not None and route.shadow is not None else None,
     )
 

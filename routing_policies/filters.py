@@ -147,7 +147,9 @@ def budget(facts: Facts, candidate: Candidate, route: Route) -> str | None:
 
 
 def health(facts: Facts, candidate: Candidate, route: Route) -> str | None:
-    return None if candidate.healthy else "unhealthy"
+    if not candidate.healthy:
+        return "unhealthy"
+    return candidate.breaker  # "circuit open (...)" while the gateway's breaker is open, else None
 
 
 FILTERS: tuple[Filter, ...] = (

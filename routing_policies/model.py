@@ -11,6 +11,7 @@ __all__ = [
     "CAPABILITIES",
     "DATA_CLASSES",
     "OUTCOMES",
+    "CIRCUIT_OPEN",
     "OVER_BUDGET",
     "Candidate",
     "Decision",
@@ -36,6 +37,8 @@ ALLOWED_BOUNDARIES: dict[str, frozenset[str]] = {
 _MILLION = Decimal(1_000_000)
 # The rejection reason prefix of the budget filter; a refusal caused by it is a budget problem.
 OVER_BUDGET = "over budget"
+# The rejection reason prefix of an open circuit breaker (Candidate.breaker).
+CIRCUIT_OPEN = "circuit open"
 
 
 def max_data_class(*classes: str) -> str:
@@ -64,6 +67,9 @@ class Candidate:
     output_usd_per_mtok: Decimal
     p95_latency_ms: float | None = None
     healthy: bool = True
+    # Why the gateway's circuit breaker keeps this model out of rotation (starts with
+    # CIRCUIT_OPEN), or None while it is routable. Set by the gateway, read by the health filter.
+    breaker: str | None = None
 
     def estimated_cost(self, input_tokens: int, output_tokens: int) -> Decimal:
         """USD for a request of this size, from the per-million-token prices."""
@@ -121,6 +127,8 @@ class Decision:
     # Carried with the decision so a request keeps its route's setting across a policy reload.
     max_attempts: int = 3
     shadow_account: str | None = None
+    # The route's per-attempt timeout overrides (connect, first byte, idle, total), None where unset.
+    timeouts: tuple[float | None, float | None, float | None, float | None] | None = None
 
     @property
     def primary(self) -> str | None:

@@ -96,6 +96,18 @@ class Weights(_Strict):
         return self
 
 
+class Timeouts(_Strict):
+    """Per-attempt upstream timeouts overriding the providers' (seconds; unset keeps the provider's)."""
+
+    connect_s: Annotated[float, Field(gt=0)] | None = None
+    first_byte_s: Annotated[float, Field(gt=0)] | None = None
+    idle_s: Annotated[float, Field(gt=0)] | None = None
+    total_s: Annotated[float, Field(gt=0)] | None = None
+
+    def as_tuple(self) -> tuple[float | None, float | None, float | None, float | None]:
+        return (self.connect_s, self.first_byte_s, self.idle_s, self.total_s)
+
+
 class Route(_Strict):
     name: NonEmptyStr
     when: When = When()
@@ -107,6 +119,7 @@ class Route(_Strict):
     shadow: Shadow | None = None
     weights: Weights | None = None
     max_attempts: Annotated[int, Field(ge=1)] = 3
+    timeouts: Timeouts | None = None  # per-attempt overrides of the providers' timeouts
     unknown_latency: UnknownLatency | None = None  # None: the policy's `unknown_latency`
 
     def uses_latency(self) -> bool:

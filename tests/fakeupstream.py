@@ -3,7 +3,10 @@
 
 In a test: ``async with FakeUpstream() as up:`` serves on ``up.url`` (a free 127.0.0.1 port);
 ``up.script(Behaviour(status=429), Behaviour(text="hi"))`` queues answers (one per API request,
-FIFO, then the normal answer); ``up.attempts`` lists every request received.
+FIFO, then the normal answer); ``up.attempts`` lists every request received, with when its
+answer ended (``ended``) and whether the caller went away first (``client_gone``).
+A request body may carry its own behaviour as ``"x_fake": {...}`` (used when no script is
+queued: load tests mix faults into concurrent traffic without racing over the queue).
 As a process: ``python tests/fakeupstream.py --port P [--delay-ms N]`` prints ``READY <port>``;
 ``POST /__script`` (JSON list of behaviours), ``GET /__attempts``, ``GET /__stats``, ``POST /__reset``.
 Usage is deterministic: prompt tokens per ``prompt_tokens``; completion tokens = words produced
@@ -90,6 +93,8 @@ class Attempt(TypedDict):
     headers: dict[str, str]  # every request header, names lower-cased
     behaviour: JSON | None  # the scripted Behaviour that answered, None = default answer
     time: float
+    ended: float | None  # when the answer ended (written, cut or abandoned); None while in progress
+    client_gone: bool  # the caller closed the connection before the answer was complete
 
 
 # ---------------------------------------------------------------- token counting
@@ -378,14 +383,28 @@ class FakeUpstream:
             body = None
         anthropic = kind in ("messages", "count_tokens")
         beh = self._queue.popleft() if self._queue and kind != "unknown" else None
+        if beh is None and isinstance(body, dict) and isinstance(body.get("x_fake"), dict):
+            beh = Behaviour.from_json(body["x_fake"])
         self._seq += 1
         self.stats["requests"] += 1
+        attempt = Attempt(
+            method=request.method, path=request.path, body=body if body is not None else raw.decode(errors="replace"),
+            model=body.get("model") if isinstance(body, dict) else None, time=time.time(),
+            headers={k.lower(): v for k, v in request.headers.items()},
+            behaviour=beh.to_json() if beh is not None else None, ended=None, client_gone=False)
         if self._record:
-            self._attempts.append(Attempt(
-                method=request.method, path=request.path, body=body if body is not None else raw.decode(errors="replace"),
-                model=body.get("model") if isinstance(body, dict) else None, time=time.time(),
-                headers={k.lower(): v for k, v in request.headers.items()},
-                behaviour=beh.to_json() if beh is not None else None))
+            self._attempts.append(attempt)
+        try:
+            return await self._respond(request, kind, body, raw, beh, anthropic)
+        except (asyncio.CancelledError, ConnectionResetError):
+            attempt["client_gone"] = True
+            self.stats["client_gone"] += 1
+            raise
+        finally:
+            attempt["ended"] = time.time()
+
+    async def _respond(self, request: web.Request, kind: str, body: Any, raw: bytes, beh: Behaviour | None,
+                       anthropic: bool) -> web.StreamResponse:
         delay = beh.delay_ms if beh is not None and beh.delay_ms is not None else self.delay_ms
         if delay and not await self._pause(delay / 1000):
             return self._kill(request, rst=True)

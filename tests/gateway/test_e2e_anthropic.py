@@ -409,7 +409,8 @@ def test_every_candidate_failing_is_an_api_error(gw: RunningGateway, upstream: U
 # ------------------------------------------------------------------ errors mid-stream
 @pytest.mark.parametrize("model", ["claude-a", "mock-a"])
 def test_upstream_cut_mid_stream_is_an_error_event(gw: RunningGateway, upstream: UpstreamProcess, model: str) -> None:
-    upstream.script({"cut_after_chunks": 3, "text": "a b c d e f g h i j"})
+    # Cut after content reached the client (a cut inside the preamble fails over invisibly: test_faults_streams).
+    upstream.script({"cut_after_chunks": 5, "text": "a b c d e f g h i j"})
     with pytest.raises(anthropic.APIStatusError) as info, ac(gw).messages.stream(
             model=model, max_tokens=50, messages=[{"role": "user", "content": "hi"}]) as stream:
         stream.get_final_message()
@@ -418,7 +419,9 @@ def test_upstream_cut_mid_stream_is_an_error_event(gw: RunningGateway, upstream:
 
 
 def test_anthropic_error_event_reaches_an_openai_client(gw: RunningGateway, upstream: UpstreamProcess) -> None:
-    upstream.script({"sse_frames": golden_frames("openai_client__anthropic_upstream", "stream_error")})
+    # Frames apart, so content reaches the client before the error (before it: an invisible failover).
+    upstream.script({"sse_frames": golden_frames("openai_client__anthropic_upstream", "stream_error"),
+                     "chunk_interval_ms": 20})
     stream = oc(gw).chat.completions.create(model="claude-a", messages=[{"role": "user", "content": "hi"}], stream=True)
     with pytest.raises(openai.APIError) as info:
         for _ in stream:
