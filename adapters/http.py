@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from adapters.base import Endpoint, UpstreamError, UpstreamRequest, UpstreamResponse, UpstreamStream
+from adapters.base import (
+    Endpoint,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamStream,
+)
 
 _MAX_ERROR_BODY = 64 * 1024
 ABORTED = "aborted by the gateway"  # the detail of the UpstreamError an aborted stream raises
@@ -153,7 +159,7 @@ class _Body:
     """An upstream stream's chunks as they arrive. A class, not an async generator: one that is
     dropped unfinished must not leave a finaliser task behind (asyncio runs those as tasks)."""
 
-    __slots__ = ("_resp", "_content", "_aborted")
+    __slots__ = ("_aborted", "_content", "_resp")
 
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp

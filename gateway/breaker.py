@@ -53,8 +53,25 @@ class CatalogHolder(Protocol):
 
 
 class _Breaker:
-    __slots__ = ("name", "provider", "state", "in_a_row", "win_start", "ok", "failed", "prev_ok", "prev_failed",
-                 "opens", "until", "last_failure", "probing", "reason", "key_refused", "changed_wall", "timer")
+    __slots__ = (
+        "changed_wall",
+        "failed",
+        "in_a_row",
+        "key_refused",
+        "last_failure",
+        "name",
+        "ok",
+        "opens",
+        "prev_failed",
+        "prev_ok",
+        "probing",
+        "provider",
+        "reason",
+        "state",
+        "timer",
+        "until",
+        "win_start",
+    )
 
     def __init__(self, name: str, provider: str) -> None:
         self.name, self.provider = name, provider
@@ -110,12 +127,16 @@ class Breakers:
         if b.state == HALF_OPEN or (b.state == OPEN and b.probing):
             self._close(b)
 
-    def failed(self, name: str) -> None:
+    def failed(self, name: str, *, in_a_row: bool = True) -> None:
+        """A failed attempt. `in_a_row=False` (a bare 500, which some local servers also answer to
+        malformed requests) counts toward the error ratio only, so a few bad requests cannot
+        open a healthy deployment's breaker."""
         b = self._by_name.get(name)
         if b is None:
             return
         now = self._clock()
-        b.in_a_row += 1
+        if in_a_row:
+            b.in_a_row += 1
         b.last_failure = now
         if now - b.win_start >= self.settings.window_s:
             _roll(b, now, self.settings.window_s)

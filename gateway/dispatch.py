@@ -25,13 +25,25 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from adapters import openai as openai_adapter
-from adapters.base import Endpoint, UpstreamError, UpstreamRequest, UpstreamResponse, UpstreamStream
+from adapters.base import (
+    Endpoint,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamStream,
+)
 from adapters.http import Timeouts, UpstreamClient, context_overflow
 from adapters.stream_translate import StreamTap
 from gateway import translation
@@ -104,11 +116,13 @@ def backoff(exc: BaseException | None, attempt_number: int) -> float:
     """The wait before retry number `attempt_number` (1-based): a short retry-after, else jitter."""
     if isinstance(exc, UpstreamError) and exc.retry_after_s is not None:
         return min(exc.retry_after_s, MAX_HONOURED_RETRY_AFTER_S)
-    return float(_jitter(_State(attempt_number)))
+    return float(_jitter(cast(RetryCallState, _State(attempt_number))))
 
 
 @dataclass
 class _State:
+    """What tenacity's wait strategies read of a RetryCallState (the fast path has none)."""
+
     attempt_number: int
 
 
@@ -168,10 +182,10 @@ class _Job:
         if not tried and skipped and self.breakers is not None and len(self.attempts) < self.max_attempts:
             # Never every candidate open: the least recently failed one is tried anyway.
             pick = self.breakers.least_recently_failed(t.model.name for t in skipped)
-            target = next((t for t in skipped if t.model.name == pick), None)
-            if target is not None:
-                self.breakers.force(target.model.name)
-                result = await self._candidate(target, self.max_attempts - len(self.attempts))
+            forced = next((t for t in skipped if t.model.name == pick), None)
+            if forced is not None:
+                self.breakers.force(forced.model.name)
+                result = await self._candidate(forced, self.max_attempts - len(self.attempts))
                 if result is not None:
                     return result
         raise self._final_error()
@@ -190,9 +204,10 @@ class _Job:
             action = classify(exc)
             if action == "reject":
                 raise _rejected(exc) from None
-            if action == "context":
+            if action == "context":  # a candidate fits only with a larger window (and the size the upstream saw)
                 self.context_error = exc
-                self.min_window = max(self.min_window, target.model.context_window)
+                needed = context_overflow(exc)[1] or 0
+                self.min_window = max(self.min_window, target.model.context_window, needed - 1)
             elif action == "refused":
                 self.refused.add(target.endpoint.provider)
             if self.stats is not None:
@@ -241,6 +256,7 @@ class _Job:
                        timeouts: Timeouts) -> tuple[Any, StreamTap | None, bytes]:
         endpoint, name = target.endpoint, target.model.name
         t0, started_ns = time.perf_counter(), time.time_ns()
+        answer: UpstreamResponse | UpstreamStream
         tap: StreamTap | None = None
         preamble = b""
         try:
@@ -268,7 +284,7 @@ class _Job:
             return
         action = classify(exc)
         if action in ("retry", "fallover"):
-            self.breakers.failed(target.model.name)
+            self.breakers.failed(target.model.name, in_a_row=exc.status != 500)
         elif action == "refused":
             why = "quota exhausted (insufficient_quota)" if exc.code == "insufficient_quota" else \
                 f"refused the gateway's key (HTTP {exc.status})"

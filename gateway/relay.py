@@ -166,7 +166,7 @@ async def _relay(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamT
         yield translation.stream_error(api)
     except BaseException:
         # A client that hangs up after the final [DONE] got the whole answer.
-        outcome = "ok" if stream_complete(tap) and not tap.error_seen else "client_disconnected"
+        outcome = "ok" if tap.done and not tap.error_seen else "client_disconnected"
         raise
     finally:
         rt.open_streams.pop(key, None)

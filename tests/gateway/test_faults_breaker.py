@@ -10,7 +10,17 @@ from typing import Any
 import pytest
 
 from tests.gateway.faultkit import (
-    add_models, explain, metric_value, metrics, oc, policy, post_chat, route, upstream_models, wait_for, HI,
+    HI,
+    add_models,
+    explain,
+    metric_value,
+    metrics,
+    oc,
+    policy,
+    post_chat,
+    route,
+    upstream_models,
+    wait_for,
 )
 from tests.harness import RunningGateway, UpstreamProcess
 from tests.services import REDIS_URL, redis_prefix

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.gatewayprocs import GatewayProcess
 from tests.gateway.faultkit import HI, wait_for
+from tests.gatewayprocs import GatewayProcess
 from tests.harness import TENANT_KEY, UpstreamProcess, write_config
 
 

@@ -13,7 +13,15 @@ import httpx
 import openai
 import pytest
 
-from tests.gateway.faultkit import HI, metric_value, metrics, oc, ac, post_chat, wait_for
+from tests.gateway.faultkit import (
+    HI,
+    ac,
+    metric_value,
+    metrics,
+    oc,
+    post_chat,
+    wait_for,
+)
 from tests.harness import RunningGateway, UpstreamProcess
 
 CAPS = {"max_active_requests": 2, "max_queued_requests": 1, "queue_timeout_s": 0.5}

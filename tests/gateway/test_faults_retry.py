@@ -2,6 +2,7 @@
 visibility. Real SDKs -> real gateway -> the real scripted fake upstream process."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,8 +11,20 @@ import openai
 import pytest
 
 from tests.gateway.faultkit import (
-    add_models, audit_rows, explain, metric_value, metrics, oa_error, oc, ac, policy, post_chat, route,
-    upstream_models, wait_for, HI,
+    HI,
+    ac,
+    add_models,
+    audit_rows,
+    explain,
+    metric_value,
+    metrics,
+    oa_error,
+    oc,
+    policy,
+    post_chat,
+    route,
+    upstream_models,
+    wait_for,
 )
 from tests.harness import RunningGateway, UpstreamProcess
 
@@ -179,3 +192,32 @@ def test_fallback_is_visible_in_headers_audit_and_metrics(gw: RunningGateway, up
     assert metric_value(text, "gateway_upstream_retries_total", model="mock-a") == 1
     assert metric_value(text, "gateway_upstream_failovers_total", model="mock-a") == 1
     assert metric_value(text, "gateway_fallbacks_total") == 1
+
+
+def test_connect_timeout_falls_over(gw_config: dict[str, Any], start_gateway: Callable[..., RunningGateway],
+                                    upstream: UpstreamProcess) -> None:
+    """A listener that never accepts, its backlog full: connecting hangs until connect_timeout_s."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        try:
+            gw_config["providers"][2].update({"base_url": f"http://127.0.0.1:{port}/v1", "connect_timeout_s": 0.3})
+            gw = start_gateway()
+            t0 = time.monotonic()
+            resp = post_chat(gw, "flaky")  # mock-dead (now the black hole), then mock-a
+            assert resp.status_code == 200 and resp.headers["x-gateway-model"] == "mock-a"
+            assert time.monotonic() - t0 < 2.5
+            record = wait_for(lambda: audit_rows(gw))[0]
+            assert [a["error"] for a in record["attempts"]] == ["timeout", "timeout", None]
+        finally:
+            for filler in fillers:
+                filler.close()

@@ -16,7 +16,18 @@ import openai
 import pytest
 
 from tests.gateway.faultkit import (
-    HI, WORDS, add_models, audit_rows, ac, ledger, oc, policy, post_chat, route, upstream_models, wait_for,
+    HI,
+    WORDS,
+    ac,
+    add_models,
+    audit_rows,
+    ledger,
+    oc,
+    policy,
+    post_chat,
+    route,
+    upstream_models,
+    wait_for,
 )
 from tests.harness import TENANT_KEY, RunningGateway, UpstreamProcess
 
@@ -32,9 +43,10 @@ def oa_chunk(delta: dict[str, Any], finish: str | None = None) -> str:
 ROLE = oa_chunk({"role": "assistant", "content": ""})
 LEAKY_ERROR = 'data: {"error": {"message": "overloaded while reading: my secret prompt", "type": "server_error"}}\n\n'
 MALFORMED = "data: {not json\n\n"
-FULL = [ROLE, oa_chunk({"content": "Hello"}), oa_chunk({"content": " there"}), oa_chunk({}, "stop"),
-        'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"up","choices":[],'
-        '"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}\n\n', "data: [DONE]\n\n"]
+USAGE = ('data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"up","choices":[],'
+         '"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}\n\n')
+FULL = [ROLE, oa_chunk({"content": "Hello"}), oa_chunk({"content": " there"}), oa_chunk({}, "stop"), USAGE,
+        "data: [DONE]\n\n"]
 
 
 @pytest.fixture
@@ -143,7 +155,7 @@ def test_failure_after_content_is_an_in_band_error(gw: RunningGateway, upstream:
 def test_anthropic_client_gets_an_error_event_after_content(gw: RunningGateway, upstream: UpstreamProcess,
                                                             model: str) -> None:
     upstream.script({"text": WORDS, "cut_after_chunks": 6})
-    resp, lines = raw_anthropic_stream(gw, model)
+    _, lines = raw_anthropic_stream(gw, model)
     assert lines[-2] == "event: error" and "message_stop" not in "".join(lines)
     upstream.script({"text": WORDS, "cut_after_chunks": 6})
     with pytest.raises(anthropic.APIStatusError), ac(gw).messages.stream(
@@ -156,7 +168,7 @@ def test_anthropic_client_gets_an_error_event_after_content(gw: RunningGateway, 
 def test_a_stalled_stream_is_ended_by_the_idle_timeout(gw: RunningGateway, upstream: UpstreamProcess) -> None:
     upstream.script({"text": WORDS, "stall_after_chunks": 4})
     t0 = time.monotonic()
-    resp, lines = raw_openai_stream(gw, "mock-a")
+    _, lines = raw_openai_stream(gw, "mock-a")
     assert 0.9 < time.monotonic() - t0 < 5
     assert lines[-1].startswith('data: {"error":')
     assert wait_for(lambda: audit_rows(gw))[0]["outcome"] == "stream_interrupted"
@@ -197,7 +209,7 @@ def test_done_ends_the_client_stream_even_if_the_upstream_keeps_the_connection(g
     """llama.cpp keeps its connection open after [DONE]: the answer is complete all the same."""
     upstream.script({"sse_frames": FULL, "stall_after_chunks": len(FULL)})
     t0 = time.monotonic()
-    resp, lines = raw_openai_stream(gw, "mock-a", timeout=5)
+    _, lines = raw_openai_stream(gw, "mock-a", timeout=5)
     assert time.monotonic() - t0 < 1.0 and lines[-1] == "data: [DONE]"
     record = wait_for(lambda: audit_rows(gw))[0]
     assert record["outcome"] == "ok" and record["output_tokens"] == 2 and not record["usage_estimated"]
@@ -245,3 +257,12 @@ def test_client_leaving_before_the_first_content_cancels_the_upstream(gw: Runnin
     assert wait_for(lambda: gw.runtime.in_flight == 0 and gw.runtime.shedder.active == 0)
     assert post_chat(gw, "mock-a").status_code == 200  # and the breaker holds nothing against mock-a
     assert gw.runtime.breakers.closed("mock-a")
+
+
+def test_a_finish_reason_without_done_is_a_complete_answer(gw: RunningGateway, upstream: UpstreamProcess) -> None:
+    """Some OpenAI-compatible servers close after the finish chunk without [DONE]: complete, not cut."""
+    upstream.script({"sse_frames": [ROLE, oa_chunk({"content": "Hello"}), oa_chunk({}, "stop")],
+                     "chunk_interval_ms": 10})
+    _, lines = raw_openai_stream(gw, "mock-a")
+    assert lines[-1] == "data: [DONE]" and not any("error" in line for line in lines)
+    assert wait_for(lambda: audit_rows(gw))[0]["outcome"] == "ok"

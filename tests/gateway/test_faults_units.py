@@ -12,8 +12,14 @@ import pytest
 from adapters.base import Endpoint, UpstreamError
 from adapters.http import UpstreamClient, context_overflow
 from gateway.breaker import Breakers, BreakerSettings
-from gateway.dispatch import MAX_HONOURED_RETRY_AFTER_S, Target, backoff, classify, dispatch
 from gateway.config import ModelConfig
+from gateway.dispatch import (
+    MAX_HONOURED_RETRY_AFTER_S,
+    Target,
+    backoff,
+    classify,
+    dispatch,
+)
 from gateway.errors import UpstreamFailed
 from gateway.parsing import parse_chat
 from gateway.shedding import Overloaded, Shedder
@@ -170,7 +176,7 @@ def test_least_recently_failed_is_the_oldest_failure() -> None:
 
 
 def test_adopting_another_replicas_open_state() -> None:
-    b, holder, clock = breakers()
+    b, holder, _ = breakers()
     import time
 
     b.adopt("a", {"state": "open", "until_wall": time.time() + 30, "reason": "circuit open: 5 failures in a row",
@@ -262,3 +268,14 @@ async def test_dispatch_skips_open_breakers_and_forces_one_when_all_are_open() -
         assert result.target.model.name == "a"  # both open: the least recently failed
         assert brk.closed("a") and not brk.closed("b")
         brk.close()
+
+
+def test_bare_500s_count_toward_the_ratio_only() -> None:
+    """llama-cpp-python answers malformed requests with 500: a few of them must not open its breaker."""
+    b, _, _ = breakers(failure_threshold=3, min_requests=10, error_ratio=0.5)
+    for _ in range(6):
+        b.failed("a", in_a_row=False)
+    assert b.closed("a")
+    for _ in range(4):
+        b.failed("a", in_a_row=False)
+    assert not b.closed("a")  # 10 of 10 attempts failed: a broken server still trips the ratio
