@@ -19,25 +19,33 @@ from starlette.types import Receive, Scope, Send
 from gateway import admin_reports, pipeline, stores
 from gateway.count_tokens import count_tokens
 from gateway.dashboard import dashboard_routes
-from gateway.errors import ApiFormat, GatewayError, InvalidApiKey, InvalidRequest, NotFound, render_error
+from gateway.errors import (
+    ApiFormat,
+    GatewayError,
+    InvalidApiKey,
+    InvalidRequest,
+    NotFound,
+    render_error,
+)
 from gateway.explain import explain_live
 from gateway.metrics import refresh as refresh_metrics
 from gateway.parsing import load_json_object, parse_chat, parse_embeddings
 from gateway.parsing_anthropic import parse_messages
-from gateway.translation import anthropic_model_list
 from gateway.runtime import Runtime
+from gateway.streaming import AnyResponse
+from gateway.translation import anthropic_model_list
 
 log = logging.getLogger("gateway")
 
 
 def create_app(rt: Runtime) -> HotPaths:
-    async def chat_completions(request: Request) -> Response:
+    async def chat_completions(request: Request) -> AnyResponse:
         return await pipeline.handle(rt, request, parse_chat, "chat.completions")
 
-    async def embeddings(request: Request) -> Response:
+    async def embeddings(request: Request) -> AnyResponse:
         return await pipeline.handle(rt, request, parse_embeddings, "embeddings")
 
-    async def messages(request: Request) -> Response:
+    async def messages(request: Request) -> AnyResponse:
         beta = request.headers.get("anthropic-beta")
         return await pipeline.handle(rt, request, lambda raw: parse_messages(raw, beta), "messages", "anthropic")
 
@@ -163,7 +171,7 @@ class HotPaths:
     of the gateway's CPU; everything else (and lifespan) goes through Starlette.
     """
 
-    def __init__(self, app: Starlette, routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]) -> None:
+    def __init__(self, app: Starlette, routes: dict[tuple[str, str], Callable[[Request], Awaitable[AnyResponse]]]) -> None:
         self.app = app
         self.routes = routes
 

@@ -207,7 +207,7 @@ class Breakers:
 
     def _cooldown(self, b: _Breaker, key: bool) -> float:
         s = self.settings
-        growth = 2 ** min(b.opens - 1, 30)
+        growth = float(2 ** min(b.opens - 1, 30))
         if key:  # a refused key: from key_cooldown_s, growing like the rest
             return min(s.key_cooldown_s * growth, max(s.max_cooldown_s, s.key_cooldown_s))
         return min(s.cooldown_s * growth, s.max_cooldown_s)

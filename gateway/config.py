@@ -14,7 +14,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.state_env import urls_from_env
-from routing_policies import CompiledPolicy, SourceError, YamlDoc, load_policies, load_yaml, validate
+from routing_policies import (
+    CompiledPolicy,
+    SourceError,
+    YamlDoc,
+    load_policies,
+    load_yaml,
+    validate,
+)
 from routing_policies.yamlsource import error_at
 
 Capability = Literal["chat", "embeddings", "tools", "json", "vision"]

@@ -20,15 +20,22 @@ from gateway.datarisk import HEADER as DATA_CLASS_HEADER
 from gateway.datarisk import classify, user_hash
 from gateway.dispatch import Target, dispatch
 from gateway.errors import (
-    ApiFormat, BudgetExhausted, GatewayError, InvalidApiKey, ModelNotAllowed, ModelNotFound, RateLimited,
-    ServiceUnavailable, render_error,
+    ApiFormat,
+    BudgetExhausted,
+    GatewayError,
+    InvalidApiKey,
+    ModelNotAllowed,
+    ModelNotFound,
+    RateLimited,
+    ServiceUnavailable,
+    render_error,
 )
 from gateway.keys import KeyRecord
 from gateway.parsing import ParsedRequest, read_body
 from gateway.relay import Exchange, finish_exchange, relay_response, render_json
-from gateway.streaming import DisconnectWatch
+from gateway.streaming import AnyResponse, DisconnectWatch
 
-__all__ = ["Exchange", "authenticate", "handle", "request_id", "presented_key"]
+__all__ = ["Exchange", "authenticate", "handle", "presented_key", "request_id"]
 from gateway.runtime import Runtime, TenantRuntime
 from gateway.telemetry import mark, stage_start
 from routing_policies import Decision, Facts, choose
@@ -36,7 +43,9 @@ from routing_policies import Decision, Facts, choose
 Parser = Callable[[bytes], ParsedRequest]
 
 
-async def handle(rt: Runtime, request: Request, parse: Parser, endpoint: str, api: ApiFormat = "openai") -> Response:
+async def handle(
+    rt: Runtime, request: Request, parse: Parser, endpoint: str, api: ApiFormat = "openai"
+) -> AnyResponse:
     """Serve one proxied request; every outcome is audited and every reservation settled.
 
     `api` is the caller's format (the route's), used for errors raised before the body is parsed.

@@ -111,7 +111,7 @@ async def render_json(rt: Runtime, ex: Exchange, answer: UpstreamResponse) -> Re
 
 
 def relay_response(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamTap | None = None,
-                   preamble: bytes = b"") -> Response:
+                   preamble: bytes = b"") -> RelayResponse:
     """The client's stream: `preamble` (what dispatch held until the first content) then the rest."""
     assert ex.parsed is not None and ex.target is not None
     if tap is None:

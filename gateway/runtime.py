@@ -20,13 +20,13 @@ from adapters.http import UpstreamClient
 from budgets import BudgetLimit, Price, RateLimits
 from gateway import stores, tokens
 from gateway.alerts import BudgetAlerts
-from gateway.audit_spool import AuditSpool
 from gateway.audit import AuditWriter
 from gateway.audit_admin import record_config_changes
+from gateway.audit_spool import AuditSpool
 from gateway.breaker import Breakers, BreakerSettings
 from gateway.breaker_sync import BreakerSync
-from gateway.dispatch import DispatchStats
 from gateway.config import LoadedConfig, ModelConfig, ProviderConfig, TenantConfig
+from gateway.dispatch import DispatchStats
 from gateway.health import HealthChecker
 from gateway.keys import KeyAdmin, KeyStore
 from gateway.latency import LatencyTracker

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 
@@ -80,3 +81,7 @@ class RelayResponse:
             watch.stop()
             if isinstance(self.body, AsyncGenerator):
                 await self.body.aclose()
+
+
+#: What the request path returns: a plain response, or a relayed stream.
+AnyResponse = Response | RelayResponse
