@@ -127,18 +127,13 @@ class AnthropicStreamRenderer:
         self._delta_sent = False
 
     def render(self, event: Event) -> bytes:
-        if isinstance(event, TextDelta):
+        if isinstance(event, (TextDelta, ArgsDelta)):
             index = self._indices.get(event.index)
             if index is None:
                 return b""
-            return frame("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                 "delta": {"type": "text_delta", "text": event.text}})
-        if isinstance(event, ArgsDelta):
-            index = self._indices.get(event.index)
-            if index is None:
-                return b""
-            return frame("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                 "delta": {"type": "input_json_delta", "partial_json": event.json}})
+            delta = ({"type": "text_delta", "text": event.text} if isinstance(event, TextDelta)
+                     else {"type": "input_json_delta", "partial_json": event.json})
+            return frame("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
         if isinstance(event, BlockStart):
             return self._block_start(event)
         if isinstance(event, BlockStop):

@@ -15,7 +15,7 @@ import psycopg
 
 from budgets import _store
 from budgets._pgpool import PgPool
-from budgets.ledger import GROUP_BY_FIELDS, LedgerEntry, SpendRow
+from budgets.ledger import LedgerEntry, SpendRow
 
 _INSERT = (
     "INSERT INTO ledger_entries (request_id, attempt, ts, tenant, key_id, model, provider,"
@@ -115,7 +115,7 @@ class PgRowStore:
         tenant: str | None,
         group_by: Sequence[str],
     ) -> list[SpendRow]:
-        groups = _checked_groups(group_by)
+        groups = _store.checked_groups(group_by, _GROUP_COLUMNS)
         where: list[str] = ["TRUE"]
         params: list[object] = []
         for clause, value in (("ts >= %s", since), ("ts < %s", until), ("tenant = %s", tenant)):
@@ -133,7 +133,7 @@ class PgRowStore:
 
         async def query(conn: psycopg.AsyncConnection) -> list[SpendRow]:
             cur = await conn.execute(sql, params)
-            return [_spend_row(groups, tuple(r)) for r in await cur.fetchall()]
+            return [_store.spend_row(groups, r) for r in await cur.fetchall()]
 
         return await self.pool.run(query)
 
@@ -163,27 +163,6 @@ async def insert_rows(
             if not cur.nextset():
                 break
     return [e for e in entries if (e.request_id, e.attempt) in new]
-
-
-def _checked_groups(group_by: Sequence[str]) -> list[str]:
-    groups = list(dict.fromkeys(group_by))
-    unknown = [g for g in groups if g not in _GROUP_COLUMNS]
-    if unknown:
-        raise ValueError(f"cannot group spend by {unknown}; choose from {list(GROUP_BY_FIELDS)}")
-    return groups
-
-
-def _spend_row(groups: list[str], record: tuple[object, ...]) -> SpendRow:
-    keys = record[: len(groups)]
-    requests, input_tokens, output_tokens, cached, nano = record[len(groups) :]
-    return SpendRow(
-        group={g: str(k) for g, k in zip(groups, keys)},
-        requests=int(requests),  # type: ignore[call-overload]
-        input_tokens=int(input_tokens),  # type: ignore[call-overload]
-        output_tokens=int(output_tokens),  # type: ignore[call-overload]
-        cached_input_tokens=int(cached),  # type: ignore[call-overload]
-        cost_usd=_store.from_nano_usd(int(nano)),  # type: ignore[call-overload]
-    )
 
 
 class SqliteRowStore:

@@ -39,6 +39,7 @@ from budgets._codec import (
     reservation_from_json,
     reservation_to_json,
 )
+from budgets._rows import RowStore
 from budgets.ledger import (
     Balance,
     BudgetLimit,
@@ -91,12 +92,23 @@ class Op:
         )
 
 
+def unique_entries(ops: Sequence[Op]) -> dict[tuple[str, int], LedgerEntry]:
+    """The rows of ``ops`` by (request id, attempt), each once (the first one seen)."""
+    unique: dict[tuple[str, int], LedgerEntry] = {}
+    for op in ops:
+        for e in op.entries:
+            unique.setdefault((e.request_id, e.attempt), e)
+    return unique
+
+
 class SharedLedger(abc.ABC):
     """The ``Ledger`` protocol over a store shared by replicas; subclasses do the I/O."""
 
     store_name = "shared"
     FAILURE_LOG_EVERY_S = 10.0
     REAP_BATCH = 200
+    #: Durable rows (spend reports and alert claims read them); set by the subclass.
+    rows: RowStore
 
     def __init__(
         self,
@@ -158,16 +170,10 @@ class SharedLedger(abc.ABC):
     ) -> list[Balance]: ...
 
     @abc.abstractmethod
-    async def _spend(
-        self, since: datetime | None, until: datetime | None, tenant: str | None,
-        group_by: Sequence[str],
-    ) -> list[SpendRow]: ...  # fmt: skip
-
-    @abc.abstractmethod
     async def check(self) -> None: ...
 
-    @abc.abstractmethod
-    async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool: ...
+    async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool:
+        return await self.rows.claim_alert(tenant, window_key, fraction)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -278,7 +284,7 @@ class SharedLedger(abc.ABC):
         group_by: Sequence[str],
     ) -> list[SpendRow]:  # fmt: skip
         await self.flush()
-        return await self._spend(since, until, tenant, group_by)
+        return await self.rows.spend(since, until, tenant, group_by)
 
     @property
     def queued(self) -> int:

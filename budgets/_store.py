@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 from budgets.ledger import GROUP_BY_FIELDS, LedgerEntry, SpendRow
 
@@ -181,12 +182,7 @@ def spend_rows(
     group_by: Sequence[str],
 ) -> list[SpendRow]:
     """Totals grouped by ``group_by`` (a subset of ``GROUP_BY_FIELDS``), sorted by group."""
-    groups = list(dict.fromkeys(group_by))
-    unknown = [g for g in groups if g not in _GROUP_COLUMNS]
-    if unknown:
-        raise ValueError(
-            f"cannot group spend by {unknown}; choose from {list(GROUP_BY_FIELDS)}"
-        )
+    groups = checked_groups(group_by, _GROUP_COLUMNS)
     where: list[str] = []
     params: list[str] = []
     for clause, value in (("ts >= ?", since), ("ts < ?", until)):
@@ -207,18 +203,29 @@ def spend_rows(
         sql += " WHERE " + " AND ".join(where)
     if columns:
         sql += " GROUP BY " + ", ".join(columns) + " ORDER BY " + ", ".join(columns)
-    result: list[SpendRow] = []
-    for record in conn.execute(sql, params):
-        keys = record[: len(groups)]
-        requests, input_tokens, output_tokens, cached, nano = record[len(groups) :]
-        result.append(
-            SpendRow(
-                group={g: str(k) for g, k in zip(groups, keys)},
-                requests=int(requests),
-                input_tokens=int(input_tokens),
-                output_tokens=int(output_tokens),
-                cached_input_tokens=int(cached),
-                cost_usd=from_nano_usd(int(nano)),
-            )
+    return [spend_row(groups, record) for record in conn.execute(sql, params)]
+
+
+def checked_groups(group_by: Sequence[str], known: Collection[str]) -> list[str]:
+    """``group_by`` without repeats; ``ValueError`` if it names a field not in ``known``."""
+    groups = list(dict.fromkeys(group_by))
+    unknown = [g for g in groups if g not in known]
+    if unknown:
+        raise ValueError(
+            f"cannot group spend by {unknown}; choose from {list(GROUP_BY_FIELDS)}"
         )
-    return result
+    return groups
+
+
+def spend_row(groups: Sequence[str], record: Sequence[Any]) -> SpendRow:
+    """One result row of a spend query: the group values, then the five totals."""
+    keys = record[: len(groups)]
+    requests, input_tokens, output_tokens, cached, nano = record[len(groups) :]
+    return SpendRow(
+        group={g: str(k) for g, k in zip(groups, keys)},
+        requests=int(requests),
+        input_tokens=int(input_tokens),
+        output_tokens=int(output_tokens),
+        cached_input_tokens=int(cached),
+        cost_usd=from_nano_usd(int(nano)),
+    )

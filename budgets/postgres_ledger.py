@@ -22,14 +22,13 @@ from psycopg.types.json import Jsonb
 from budgets._codec import ref_from_json, ref_to_json
 from budgets._pgpool import PgPool
 from budgets._rows import PgRowStore, insert_rows
-from budgets._shared import Op, SharedLedger
+from budgets._shared import Op, SharedLedger, unique_entries
 from budgets.ledger import (
     Balance,
     BudgetExceeded,
     BudgetLimit,
     LedgerEntry,
     Reservation,
-    SpendRow,
 )
 from budgets.windows import WINDOWS, window_end, window_key, window_start
 
@@ -112,10 +111,7 @@ class PostgresLedger(SharedLedger):
         raise BudgetExceeded(lim.window, "usd", lim.max_usd or 0, used)
 
     async def _apply(self, ops: list[Op]) -> None:
-        unique: dict[tuple[str, int], LedgerEntry] = {}
-        for op in ops:
-            for e in op.entries:
-                unique.setdefault((e.request_id, e.attempt), e)
+        unique = unique_entries(ops)
         drops = sorted({op.reservation.id for op in ops if op.reservation is not None})
         tenants = sorted({e.tenant for e in unique.values()} | {
             op.reservation.tenant for op in ops if op.reservation is not None})  # fmt: skip
@@ -198,14 +194,6 @@ class PostgresLedger(SharedLedger):
             ))  # fmt: skip
         return out
 
-    async def _spend(
-        self, since: datetime | None, until: datetime | None, tenant: str | None,
-        group_by: Sequence[str],
-    ) -> list[SpendRow]:  # fmt: skip
-        return await self.rows.spend(since, until, tenant, group_by)
-
-    async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool:
-        return await self.rows.claim_alert(tenant, window_key, fraction)
 
 
 def _spent_columns(new: list[LedgerEntry]) -> tuple[list[str], list[str], list[int], list[Decimal]]:

@@ -32,14 +32,12 @@ from budgets import _lua
 from budgets._codec import reservation_from_json, reservation_to_json
 from budgets._money import cap_units, from_units, to_units
 from budgets._rows import RowStore
-from budgets._shared import Op, SharedLedger
+from budgets._shared import Op, SharedLedger, unique_entries
 from budgets.ledger import (
     Balance,
     BudgetExceeded,
     BudgetLimit,
-    LedgerEntry,
     Reservation,
-    SpendRow,
     StoreUnavailable,
 )
 from budgets.windows import WINDOWS, window_end, window_key, window_start
@@ -184,10 +182,7 @@ class RedisLedger(SharedLedger):
             await self._call("apply", self._apply_args(batch, group))
 
     async def _store_rows(self, ops: list[Op]) -> None:
-        unique: dict[tuple[str, int], LedgerEntry] = {}
-        for op in ops:
-            for e in op.entries:
-                unique.setdefault((e.request_id, e.attempt), e)
+        unique = unique_entries(ops)
         new = {(e.request_id, e.attempt) for e in await self.rows.insert(list(unique.values()))}
         self._batches += 1
         batch = f"{self.instance}-{self._batches}"
@@ -266,12 +261,3 @@ class RedisLedger(SharedLedger):
             None if st is None else (int(st), int(su), int(ht or 0), int(hu or 0))
             for st, su, ht, hu in replies
         ]
-
-    async def _spend(
-        self, since: datetime | None, until: datetime | None, tenant: str | None,
-        group_by: Sequence[str],
-    ) -> list[SpendRow]:  # fmt: skip
-        return await self.rows.spend(since, until, tenant, group_by)
-
-    async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool:
-        return await self.rows.claim_alert(tenant, window_key, fraction)
