@@ -33,12 +33,12 @@ from gateway.errors import (
 from gateway.keys import KeyRecord
 from gateway.parsing import ParsedRequest, read_body
 from gateway.relay import Exchange, finish_exchange, relay_response, render_json
-from gateway.streaming import AnyResponse, DisconnectWatch
-
-__all__ = ["Exchange", "authenticate", "handle", "presented_key", "request_id"]
 from gateway.runtime import Runtime, TenantRuntime
+from gateway.streaming import AnyResponse, DisconnectWatch
 from gateway.telemetry import mark, stage_start
 from routing_policies import Decision, Facts, choose
+
+__all__ = ["Exchange", "authenticate", "handle", "presented_key", "request_id"]
 
 Parser = Callable[[bytes], ParsedRequest]
 
