@@ -20,7 +20,7 @@ from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import Storage
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.errors import StorageError
-from limits.storage import storage_from_string
+from limits.storage import MemoryStorage, storage_from_string
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -144,6 +144,12 @@ class RateLimiter:
         self, storage_uri: str = "memory://", *, key_prefix: str = "LIMITS", timeout_s: float = 2.0
     ) -> None:
         self.shared = not storage_uri.startswith(("memory://", "async+memory://"))
+        # In this process only: ``limits``' synchronous storage, no awaits. The event loop
+        # runs one hit at a time, so probe-then-consume cannot interleave with another hit.
+        self._memory: MemoryStorage | None = None
+        if not self.shared:
+            self._memory = MemoryStorage()
+            storage_uri = "async+memory://"  # the async storage below stays unused
         self._storage = _async_storage(storage_uri, key_prefix, timeout_s)
         bridge = getattr(self._storage, "bridge", None)
         self._redis_refund = (
@@ -203,6 +209,8 @@ class RateLimiter:
         if rpm is None and tpm is None:
             return _UNLIMITED
         now = time.time()
+        if self._memory is not None:
+            return self._hit_memory(key, rpm, tpm, tokens, now)
         requests = (
             None
             if rpm is None
@@ -216,6 +224,54 @@ class RateLimiter:
         probes = [p for p in (requests, token_probe) if p is not None]
         allowed = all(p.fits for p in probes) and await self._consume(key, probes)
         return _state(allowed, requests, token_probe, now)
+
+    def _probe_memory(self, item: RateLimitItem, key: str, cost: int, now: float) -> _Probe:
+        memory = self._memory
+        assert memory is not None
+        storage_key = self._storage_key(item, key)
+        used, reset_at = memory.get(storage_key), memory.get_expiry(storage_key)
+        reset_s = min(reset_at - now, _WINDOW_S) if reset_at > now else _WINDOW_S
+        return _Probe(item, cost, max(0, item.amount - used), reset_s)
+
+    def _hit_memory(
+        self, key: str, rpm: int | None, tpm: int | None, tokens: int, now: float
+    ) -> RateState:
+        requests = None if rpm is None else self._probe_memory(self._item(_REQUESTS, rpm), key, 1, now)
+        token_probe = (
+            None if tpm is None else self._probe_memory(self._item(_TOKENS, tpm), key, tokens, now)
+        )
+        probes = [p for p in (requests, token_probe) if p is not None]
+        allowed = all(p.fits for p in probes) and self._consume_memory(key, probes)
+        return _state(allowed, requests, token_probe, now)
+
+    def _hit_window(self, item: RateLimitItem, key: str, cost: int) -> bool:
+        # What the sync FixedWindowRateLimiter.hit does, on the cached storage key.
+        memory = self._memory
+        assert memory is not None
+        return memory.incr(self._storage_key(item, key), item.get_expiry(), amount=cost) <= item.amount
+
+    def _consume_memory(self, key: str, probes: list[_Probe]) -> bool:
+        taken: list[_Probe] = []
+        for probe in probes:
+            if probe.cost == 0:
+                continue
+            taken.append(probe)
+            if not self._hit_window(probe.item, key, probe.cost):  # pragma: no cover - probed
+                for undo in taken:
+                    self._refund_memory(undo.item, key, undo.cost, None)
+                probe.remaining = 0
+                return False
+        return True
+
+    def _refund_memory(
+        self, item: RateLimitItem, key: str, amount: int, window_end: float | None
+    ) -> None:
+        memory = self._memory
+        assert memory is not None
+        storage_key = self._storage_key(item, key)
+        if window_end is not None and memory.get_expiry(storage_key) > window_end + 1:
+            return  # the window the tokens were counted in is over
+        memory.decr(storage_key, amount)
 
     async def _consume(self, key: str, probes: list[_Probe]) -> bool:
         taken: list[_Probe] = []
@@ -261,6 +317,12 @@ class RateLimiter:
         if tpm is None or delta == 0:
             return
         item = self._item(_TOKENS, tpm)
+        if self._memory is not None:
+            if delta > 0:
+                self._hit_window(item, key, delta)
+            else:
+                self._refund_memory(item, key, -delta, window_end)
+            return
         if delta > 0:
             await _guard(self._limiter.hit(item, key, cost=delta))
         else:
@@ -279,6 +341,8 @@ class RateLimiter:
         timer = getattr(self._storage, "timer", None)
         if isinstance(timer, asyncio.Task) and not timer.done():
             timer.cancel()
+        if self._memory is not None:
+            self._memory.timer.cancel()  # its expiry thread
 
 
 async def _guard(work: Awaitable[T]) -> T:

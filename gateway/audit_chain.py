@@ -17,6 +17,7 @@ JSON-lines copy is checked too, and a store whose head lags the other copy is re
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,9 @@ import orjson
 
 GENESIS = "0" * 64
 _OPTS = orjson.OPT_SORT_KEYS
+_PLACEHOLDER = secrets.token_hex(32)
+_PLACEHOLDER_BYTES = _PLACEHOLDER.encode()
+_PLACEHOLDER_FIELD = b'"hash":"' + _PLACEHOLDER_BYTES + b'"'
 
 
 def seal(record: Any, seq: int, prev_hash: str) -> tuple[bytes, str]:
@@ -33,9 +37,21 @@ def seal(record: Any, seq: int, prev_hash: str) -> tuple[bytes, str]:
     # Through a dict: orjson keeps dataclass fields in declaration order, and the canonical
     # form must not depend on the declaration (sorted keys at every level).
     data = orjson.loads(orjson.dumps(record))
-    digest = hashlib.sha256(orjson.dumps(data, option=_OPTS)).hexdigest()
-    record.hash = data["hash"] = digest
-    return orjson.dumps(data, option=_OPTS), digest
+    # One sorted pass: serialise with a per-process random placeholder as `hash`, then
+    # swap it for "" (the hashed form) and for the digest (the stored form). Compact JSON,
+    # so only that value's bytes change; if the placeholder is not unique, the slow path.
+    data["hash"] = _PLACEHOLDER
+    text = orjson.dumps(data, option=_OPTS)
+    if text.count(_PLACEHOLDER_BYTES) == 1:
+        digest = hashlib.sha256(text.replace(_PLACEHOLDER_FIELD, b'"hash":""')).hexdigest()
+        stored = text.replace(_PLACEHOLDER_FIELD, b'"hash":"' + digest.encode() + b'"')
+    else:  # pragma: no cover - a 256-bit random value showing up in a record
+        data["hash"] = ""
+        digest = hashlib.sha256(orjson.dumps(data, option=_OPTS)).hexdigest()
+        data["hash"] = digest
+        stored = orjson.dumps(data, option=_OPTS)
+    record.hash = digest
+    return stored, digest
 
 
 def record_hash(data: dict[str, Any]) -> str:

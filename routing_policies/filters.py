@@ -48,7 +48,12 @@ def output_tokens(facts: Facts, candidate: Candidate) -> int:
 
 def estimated_cost(facts: Facts, candidate: Candidate) -> Decimal:
     """Worst-case USD cost of this request on `candidate`."""
-    return candidate.estimated_cost(facts.input_tokens, output_tokens(facts, candidate))
+    memo = facts._costs.get(id(candidate))
+    if memo is not None and memo[0] is candidate:
+        return memo[1]
+    cost = candidate.estimated_cost(facts.input_tokens, output_tokens(facts, candidate))
+    facts._costs[id(candidate)] = (candidate, cost)
+    return cost
 
 
 def effective_p95(candidate: Candidate, route: Route) -> float | None:

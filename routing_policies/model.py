@@ -101,6 +101,12 @@ class Facts:
     # Allow-listing an alias allows what the policy routes it to; allow-listing a model
     # allows that model only, never its fallbacks.
     requested_is_alias: bool = True
+    # Memo of `filters.estimated_cost` per candidate object (id -> (candidate, cost)); the
+    # cost is a pure function of these facts and the candidate, and is asked for several
+    # times per `choose` (filters, ranker, summary, decision). Not part of the facts' value.
+    _costs: dict[int, tuple[Candidate, Decimal]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
 
 @dataclass(frozen=True)
