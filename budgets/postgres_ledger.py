@@ -20,9 +20,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from budgets._codec import ref_from_json, ref_to_json
+from budgets._ops import Op, unique_entries
 from budgets._pgpool import PgPool
 from budgets._rows import PgRowStore, insert_rows
-from budgets._shared import Op, SharedLedger, unique_entries
+from budgets._shared import SharedLedger
 from budgets.ledger import (
     Balance,
     BudgetExceeded,

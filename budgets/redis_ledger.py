@@ -31,8 +31,9 @@ from redis.retry import Retry
 from budgets import _lua
 from budgets._codec import reservation_from_json, reservation_to_json
 from budgets._money import cap_units, from_units, to_units
+from budgets._ops import Op, unique_entries
 from budgets._rows import RowStore
-from budgets._shared import Op, SharedLedger, unique_entries
+from budgets._shared import SharedLedger
 from budgets.ledger import (
     Balance,
     BudgetExceeded,
