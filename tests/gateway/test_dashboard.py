@@ -54,9 +54,15 @@ def browser(tmp_path: Path) -> Iterator[tuple[Any, Path]]:
 def _login(driver: Any, gw: RunningGateway, key: str) -> None:
     from selenium.webdriver.common.by import By
 
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
     driver.get(f"{gw.url}/dashboard")
+    form = driver.find_element(By.ID, "login-form")
     driver.find_element(By.ID, "key").send_keys(key)
     driver.find_element(By.ID, "login-submit").click()
+    # The login page and the dashboard share one URL: wait for the answer page to replace the form.
+    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(form))
 
 
 def _wait_file(folder: Path, timeout: float = 15) -> Path:
