@@ -14,6 +14,11 @@ from adapters.base import Endpoint, UpstreamRequest, Usage
 from adapters.sse import SseSplitter, event_fields
 
 ANTHROPIC_VERSION = "2023-06-01"
+# Error types an Anthropic stream may carry and a client may be shown; anything else is api_error.
+ERROR_TYPES = frozenset({
+    "api_error", "overloaded_error", "rate_limit_error", "invalid_request_error", "authentication_error",
+    "permission_error", "not_found_error", "request_too_large", "timeout_error", "billing_error",
+})
 
 
 def _headers(endpoint: Endpoint, beta: str | None, stream: bool) -> dict[str, str]:
@@ -101,7 +106,8 @@ class MessagesStreamTap:
     """Relays an Anthropic stream event for event, reading usage, text and completion as it goes.
 
     Complete events only are forwarded (a partial one waits for its end); error events and
-    malformed frames are noted (`error_seen`) and dropped: the relay writes its own error frame.
+    malformed frames are noted (`error_seen`) and dropped: the relay writes its own error frame,
+    of the upstream's error type when it is a known one (`error_kind`), never with its message.
     """
 
     def __init__(self) -> None:
@@ -112,6 +118,7 @@ class MessagesStreamTap:
         self.done = False
         self.content_started = False
         self.error_seen = False
+        self.error_kind = "api_error"
 
     def feed(self, chunk: bytes) -> bytes:
         kept = [event for event in self._splitter.feed(chunk) if self._event(event)]
@@ -153,5 +160,8 @@ class MessagesStreamTap:
             self.done = True
         elif kind == "error" or name == b"error":
             self.error_seen = True
+            error = obj.get("error") if isinstance(obj, dict) else None
+            if isinstance(error, dict) and error.get("type") in ERROR_TYPES:
+                self.error_kind = error["type"]
             return False
         return True

@@ -31,6 +31,16 @@ class TranslationError(ValueError):
     """The request cannot be expressed in the target format. The message is safe to show callers."""
 
 
+def optional_number(body: dict[str, Any], key: str) -> float | None:
+    """A sampling parameter (`temperature`, `top_p`): absent/null or a number, never a bool or a string."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TranslationError(f"'{key}' must be a number")
+    return value
+
+
 @dataclass(slots=True)
 class Text:
     text: str

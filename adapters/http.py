@@ -196,6 +196,12 @@ class _Body:
         self._content.set_exception(UpstreamError("closed", detail=ABORTED))
 
 
+# llama-cpp-python answers a request that fails its own (FastAPI) validation with 500 and
+# FastAPI's validation text as the message, where other servers say 400 or 422. That is the
+# caller's bad request, not an outage: it must not be retried nor sent to another provider.
+_VALIDATION_500 = re.compile(r"\d+ validation errors?:\n\s*\{'type': '\w+', 'loc': \('body'")
+
+
 def status_error(status: int, headers: dict[str, str], body: bytes) -> UpstreamError:
     """An error status from a provider, with what retry logic needs (never shown to clients)."""
     code: str | None = None
@@ -208,6 +214,9 @@ def status_error(status: int, headers: dict[str, str], body: bytes) -> UpstreamE
             if isinstance(err, dict):
                 raw = err.get("code") or err.get("type")
                 code = raw if isinstance(raw, str) else None
+                message = err.get("message")
+                if status == 500 and isinstance(message, str) and _VALIDATION_500.match(message):
+                    status, code = 400, "invalid_request_error"
     except ValueError:
         code = None
     return UpstreamError(

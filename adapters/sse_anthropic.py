@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from adapters import naming
-from adapters.anthropic import merge_usage, usage_from_anthropic
+from adapters.anthropic import ERROR_TYPES, merge_usage, usage_from_anthropic
 from adapters.base import Usage
 from adapters.canonical import (
     ArgsDelta,
@@ -33,11 +33,6 @@ from adapters.translate_anthropic import (
     STOP_TO_ANTHROPIC,
     usage_to_anthropic,
 )
-
-ERROR_TYPES = frozenset({
-    "api_error", "overloaded_error", "rate_limit_error", "invalid_request_error", "authentication_error",
-    "permission_error", "not_found_error", "request_too_large", "timeout_error", "billing_error",
-})
 
 
 class AnthropicStreamParser:

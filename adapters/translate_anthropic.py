@@ -28,6 +28,7 @@ from adapters.canonical import (
     ToolResult,
     TranslationError,
     as_object,
+    optional_number,
 )
 
 # ------------------------------------------------------------------ mapping tables
@@ -61,20 +62,26 @@ def request_from_anthropic(body: dict[str, Any]) -> ChatRequest:
     """An Anthropic Messages request as canonical (the body was checked by the edge)."""
     tools = [_tool_from(t) for t in body.get("tools") or ()]
     choice, parallel = _choice_from(body.get("tool_choice"))
-    metadata = body.get("metadata")
     return ChatRequest(
         messages=[_message_from(m) for m in body["messages"]],
         system=_system_from(body.get("system")),
         max_tokens=body.get("max_tokens"),
         stream=body.get("stream") is True,
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
+        temperature=optional_number(body, "temperature"),
+        top_p=optional_number(body, "top_p"),
         stop=[s for s in body.get("stop_sequences") or () if isinstance(s, str)],
         tools=tools,
         tool_choice=choice,
         parallel_tool_calls=parallel,
-        user=metadata.get("user_id") if isinstance(metadata, dict) else None,
+        user=_user_from(body.get("metadata")),
     )
+
+
+def _user_from(metadata: Any) -> str | None:
+    user = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if user is not None and not isinstance(user, str):
+        raise TranslationError("'metadata.user_id' must be a string")
+    return user or None
 
 
 def _system_from(system: Any) -> list[str]:
@@ -90,8 +97,10 @@ def _tool_from(tool: Any) -> Tool:
         raise TranslationError("each tool needs a string 'name'")
     if tool.get("type") not in (None, "custom"):
         raise TranslationError(f"tool type '{tool['type']}' is only available on Anthropic models")
-    schema = tool.get("input_schema")
-    return Tool(tool["name"], tool.get("description"), schema if isinstance(schema, dict) else {})
+    schema, description = tool.get("input_schema"), tool.get("description")
+    if description is not None and not isinstance(description, str):
+        raise TranslationError("a tool's 'description' must be a string")
+    return Tool(tool["name"], description, schema if isinstance(schema, dict) else {})
 
 
 def _choice_from(choice: Any) -> tuple[ToolChoice | None, bool | None]:
@@ -100,8 +109,11 @@ def _choice_from(choice: Any) -> tuple[ToolChoice | None, bool | None]:
     mode = TOOL_CHOICE_FROM_ANTHROPIC.get(str(choice.get("type")))
     if mode is None:
         raise TranslationError("'tool_choice.type' must be auto, any, tool or none")
+    name = choice.get("name") if mode == "tool" else None
+    if mode == "tool" and (not isinstance(name, str) or not name):
+        raise TranslationError("'tool_choice.name' must name a tool when 'tool_choice.type' is 'tool'")
     parallel = False if choice.get("disable_parallel_tool_use") is True else None
-    return ToolChoice(mode, choice.get("name") if mode == "tool" else None), parallel  # type: ignore[arg-type]
+    return ToolChoice(mode, name), parallel  # type: ignore[arg-type]
 
 
 def _message_from(message: dict[str, Any]) -> Message:
@@ -122,7 +134,9 @@ def _message_from(message: dict[str, Any]) -> Message:
 def _part_from(block: Any) -> Part | None:
     kind = block.get("type") if isinstance(block, dict) else None
     if kind == "text":
-        return Text(str(block.get("text") or ""))
+        if not isinstance(block.get("text"), str):
+            raise TranslationError("a 'text' block needs a string 'text'")
+        return Text(block["text"])
     if kind == "image":
         return _image_from(block)
     if kind == "tool_use":
@@ -137,15 +151,20 @@ def _part_from(block: Any) -> Part | None:
 
 def _image_from(block: dict[str, Any]) -> Image:
     source = as_object(block.get("source"))
-    if source.get("type") == "base64":
-        return Image(media_type=source.get("media_type"), data=source.get("data"))
-    if source.get("type") == "url":
-        return Image(url=source.get("url"))
-    raise TranslationError("images must have a base64 or url source for this model")
+    media_type = source.get("media_type")
+    if source.get("type") == "base64" and isinstance(source.get("data"), str) and (
+            media_type is None or isinstance(media_type, str)):
+        return Image(media_type=media_type, data=source["data"])
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return Image(url=source["url"])
+    raise TranslationError("images must have a base64 source (string 'data') or a url source (string 'url') "
+                           "for this model")
 
 
 def _result_from(block: dict[str, Any]) -> ToolResult:
     content = block.get("content")
+    if content is not None and not isinstance(content, (str, list)):
+        raise TranslationError("'tool_result.content' must be a string or an array of blocks")
     parts: list[Text | Image] = []
     if isinstance(content, str):
         parts.append(Text(content))
@@ -267,8 +286,11 @@ def response_from_anthropic(payload: Any) -> ChatResponse:
     """An Anthropic message (from a provider) as canonical."""
     if not isinstance(payload, dict):
         raise TranslationError("the upstream answer is not a message")
+    content = payload.get("content")
+    if content is not None and not isinstance(content, list):
+        raise TranslationError("the upstream message's content is not an array")
     parts: list[Text | ToolCall] = []
-    for block in payload.get("content") or ():
+    for block in content or ():
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             parts.append(Text(str(block.get("text") or "")))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from adapters import naming
 from adapters.base import Usage
 from adapters.canonical import (
@@ -24,7 +26,7 @@ from adapters.canonical import (
     ToolChoice,
     ToolResult,
     TranslationError,
-    as_object,
+    optional_number,
 )
 from adapters.openai import usage_from_payload
 
@@ -60,6 +62,7 @@ def request_from_openai(body: dict[str, Any]) -> ChatRequest:
     messages: list[Message] = []
     for message in body["messages"]:
         role = message["role"]
+        _check_content(message.get("content"))
         if role in SYSTEM_ROLES:
             text = content_text(message.get("content"))
             if text:
@@ -74,21 +77,35 @@ def request_from_openai(body: dict[str, Any]) -> ChatRequest:
         else:
             raise TranslationError(f"message role '{role}' is not supported")
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-    stop = body.get("stop")
     return ChatRequest(
         messages=messages,
         system=system,
         max_tokens=max_tokens if isinstance(max_tokens, int) else None,
         stream=body.get("stream") is True,
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
-        stop=[stop] if isinstance(stop, str) else [s for s in stop or () if isinstance(s, str)],
+        temperature=optional_number(body, "temperature"),
+        top_p=optional_number(body, "top_p"),
+        stop=_stop_from(body.get("stop")),
         tools=[_tool_from(t) for t in body.get("tools") or ()],
         tool_choice=_choice_from(body.get("tool_choice")),
         parallel_tool_calls=body.get("parallel_tool_calls") if isinstance(body.get("parallel_tool_calls"), bool) else None,
         user=body.get("user") if isinstance(body.get("user"), str) else None,
         json_schema=_json_wanted(body.get("response_format")),
     )
+
+
+def _stop_from(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise TranslationError("'stop' must be a string or an array of strings")
+
+
+def _check_content(content: Any) -> None:
+    if content is not None and not isinstance(content, (str, list)):
+        raise TranslationError("a message's 'content' must be a string or an array of content parts")
 
 
 def content_text(content: Any) -> str:
@@ -106,7 +123,10 @@ def _user_parts(content: Any) -> list[Part]:
     for item in content or ():
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "text":
-            parts.append(Text(str(item.get("text") or "")))
+            text = item.get("text")
+            if not isinstance(text, str):
+                raise TranslationError("a 'text' content part needs a string 'text'")
+            parts.append(Text(text))
         elif kind == "image_url":
             parts.append(_image_from(item.get("image_url")))
         else:
@@ -129,20 +149,34 @@ def _assistant_parts(message: dict[str, Any]) -> list[Part]:
     text = content_text(message.get("content")) or (message.get("refusal") or "")
     if text:
         parts.append(Text(str(text)))
-    for call in message.get("tool_calls") or ():
+    calls = message.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        raise TranslationError("'tool_calls' must be an array")
+    for call in calls or ():
         fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict):
-            raise TranslationError("each tool call needs a 'function'")
-        parts.append(ToolCall(str(call.get("id") or ""), str(fn.get("name") or ""), str(fn.get("arguments") or "")))
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise TranslationError("each tool call needs a 'function' with a string 'name'")
+        parts.append(ToolCall(str(call.get("id") or ""), fn["name"], _arguments_text(fn.get("arguments"))))
     return parts
+
+
+def _arguments_text(arguments: Any) -> str:
+    """Tool-call arguments as JSON text; an object (sent by some clients) is serialised."""
+    if arguments is None or isinstance(arguments, str):
+        return arguments or ""
+    if isinstance(arguments, dict):
+        return orjson.dumps(arguments).decode()
+    raise TranslationError("tool call 'arguments' must be a JSON string")
 
 
 def _tool_from(tool: Any) -> Tool:
     fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise TranslationError("only 'function' tools with a string name are supported by this model")
-    params = fn.get("parameters")
-    return Tool(fn["name"], fn.get("description"), params if isinstance(params, dict) else {})
+    params, description = fn.get("parameters"), fn.get("description")
+    if description is not None and not isinstance(description, str):
+        raise TranslationError("a tool's 'description' must be a string")
+    return Tool(fn["name"], description, params if isinstance(params, dict) else {})
 
 
 def _choice_from(choice: Any) -> ToolChoice | None:
@@ -252,13 +286,18 @@ def response_from_openai(payload: Any) -> ChatResponse:
         raise TranslationError("the upstream answer has no choices")
     answer_id = str(payload.get("id") or "")
     choice = choices[0]
-    message = as_object(choice.get("message"))
+    message = choice.get("message") or {}
+    if not isinstance(message, dict):
+        raise TranslationError("the upstream answer's message is not an object")
+    calls = message.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        raise TranslationError("the upstream answer's tool calls are not an array")
     parts: list[Text | ToolCall] = []
     text = content_text(message.get("content"))
     refusal = message.get("refusal")
     if text or refusal:
         parts.append(Text(text or str(refusal)))
-    for i, call in enumerate(message.get("tool_calls") or ()):
+    for i, call in enumerate(calls or ()):
         fn = call.get("function") if isinstance(call, dict) else None
         if isinstance(fn, dict):
             parts.append(ToolCall(str(call.get("id") or f"call_{answer_id}_{i}"), str(fn.get("name") or ""),

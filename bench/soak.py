@@ -15,6 +15,11 @@ request was audited and settled. Exit 1 when something leaked or a request was a
 
   .venv/bin/python bench/soak.py                      # 3 minutes (CI does not run it)
   .venv/bin/python bench/soak.py --duration 30 --concurrency 16 --json /tmp/soak.json
+  .venv/bin/python bench/soak.py --redis --postgres   # shared state: the test services (tests/services.py)
+
+`--redis` / `--postgres` put reservations and rate limits in Redis / the ledger and audit rows in
+PostgreSQL (GATEWAY_TEST_REDIS_URL / GATEWAY_TEST_POSTGRES_URL, a fresh key prefix and schema,
+removed afterwards), as a replica would run them.
 """
 from __future__ import annotations
 
@@ -28,12 +33,15 @@ import sqlite3
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from bench_procs import Proc, free_port, rss_mb
 from run import FAKE, GATEWAY_KEY, MODEL, REPO, UPSTREAM_KEY, write_config
+
+sys.path.insert(0, str(REPO))
 
 TEXT = " ".join(f"word{i}" for i in range(40))
 AUTH = {"Authorization": f"Bearer {GATEWAY_KEY}", "Content-Type": "application/json"}
@@ -134,12 +142,43 @@ async def settle(http: aiohttp.ClientSession, base: str, pid: int, seconds: floa
         await asyncio.sleep(0.2)
 
 
-def stored(tmp: Path) -> dict[str, Any]:
+def shared_state(stack: ExitStack, args: argparse.Namespace, tmp: Path) -> dict[str, str]:
+    """The `state:` section for --redis / --postgres: the test services, a fresh key prefix / schema."""
+    from tests.services import REDIS_URL, pg_schema, redis_prefix
+
+    state = {"database_url": f"sqlite:///{tmp / 'state.db'}", "redis_url": "null", "spool_dir": str(tmp / "spool")}
+    if args.postgres:
+        state["database_url"] = stack.enter_context(pg_schema())
+    if args.redis:
+        state["redis_url"], state["redis_key_prefix"] = REDIS_URL, stack.enter_context(redis_prefix())
+    return state
+
+
+def use_state(cfg: Path, state: dict[str, str], tmp: Path) -> None:
+    """Rewrite the config's `state:` section (bench/run.py writes the SQLite one)."""
+    text = cfg.read_text()
+    head, _, rest = text.partition("state:\n")
+    _, _, rest = rest.partition("audit:\n")
+    lines = "".join(f"  {k}: {json.dumps(v) if v != 'null' else v}\n" for k, v in state.items())
+    cfg.write_text(f"{head}state:\n{lines}audit:\n  jsonl_path: {json.dumps(str(tmp / 'audit.jsonl'))}\n{rest}")
+
+
+def ledger_by_status(tmp: Path, database_url: str | None) -> dict[str, int]:
+    sql = "SELECT status, count(*) FROM ledger_entries GROUP BY status"
+    if database_url and database_url.startswith("postgres"):
+        import psycopg
+
+        with psycopg.connect(database_url, autocommit=True) as pg:
+            return {str(k): int(v) for k, v in pg.execute(sql).fetchall()}
     conn = sqlite3.connect(tmp / "state.db")
     try:
-        ledger = dict(conn.execute("SELECT status, count(*) FROM ledger_entries GROUP BY status").fetchall())
+        return dict(conn.execute(sql).fetchall())
     finally:
         conn.close()
+
+
+def stored(tmp: Path, database_url: str | None = None) -> dict[str, Any]:
+    ledger = ledger_by_status(tmp, database_url)
     audit = collections.Counter()
     for line in (tmp / "audit.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -148,13 +187,15 @@ def stored(tmp: Path) -> dict[str, Any]:
     return {"ledger_rows_by_status": ledger, "audit_records_by_outcome": dict(audit)}
 
 
-async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+async def run(args: argparse.Namespace, tmp: Path, state: dict[str, str] | None = None) -> dict[str, Any]:
     up = await Proc("fakeupstream", [sys.executable, str(FAKE), "--port", "0", "--record-limit", "0"],
                     log=tmp / "upstream.log", pipe_stdout=True).start()
     gw: Proc | None = None
     try:
         up_url = f"http://127.0.0.1:{await up.read_ready(30)}"
         cfg = write_config(tmp, up_url + "/v1")
+        if state is not None:
+            use_state(cfg, state, tmp)
         port = free_port()
         env = dict(os.environ, BENCH_UPSTREAM_KEY=UPSTREAM_KEY, GATEWAY_ADMIN_KEY="soak-admin",
                    GATEWAY_LOG_LEVEL="WARNING", GATEWAY_DRAIN_TIMEOUT_S="10")
@@ -203,7 +244,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         await up.stop()
     result = {"args": vars(args), "before": before, "after": after, "samples": samples,
               "requests": dict(sorted(tally.items())), "rps": round(tally["sent"] / (args.warmup + elapsed), 1),
-              "gateway_exit_code": code, **stored(tmp)}
+              "gateway_exit_code": code, **stored(tmp, (state or {}).get("database_url"))}
     result["verdict"] = verdict(result)
     return result
 
@@ -259,9 +300,13 @@ def main(argv: list[str] | None = None) -> int:
                          "(a leaked request, tap or exchange is several KB)")
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--redis", action="store_true", help="reservations and rate limits in the test Redis")
+    ap.add_argument("--postgres", action="store_true", help="ledger and audit rows in the test PostgreSQL")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gw-soak-"))
-    result = asyncio.run(run(args, tmp))
+    with ExitStack() as stack:
+        state = shared_state(stack, args, tmp) if args.redis or args.postgres else None
+        result = asyncio.run(run(args, tmp, state))
     print(json.dumps({"requests": result["requests"], "rps": result["rps"],
                       "ledger_rows_by_status": result["ledger_rows_by_status"],
                       "audit_records_by_outcome": result["audit_records_by_outcome"],

@@ -1,15 +1,23 @@
-"""A small psycopg 3 connection pool per store, with connection failures mapped to
+"""A small psycopg 3 connection pool per store, with store failures mapped to
 ``StoreUnavailable`` in this one place.
 
 Deliberately simple instead of psycopg_pool: a checkout reuses an idle connection or opens
 a new one right away, so the first request after an outage reconnects at once (no
 background reconnect backoff), and a connection that broke is simply dropped.
+
+A store failure is anything that says the server cannot serve now: it cannot be reached,
+it hangs (every statement is bounded by ``timeout_s``), or it answers with a server-side
+error (a read-only standby, an internal error, an administrator shutdown). Errors that say
+the statement itself is wrong (``ProgrammingError``, ``DataError``, ``IntegrityError``,
+``NotSupportedError``) and Python errors are bugs, and propagate unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -21,7 +29,23 @@ from budgets.pgmigrate import apply_migrations
 
 T = TypeVar("T")
 STORE = "postgresql"
-_FAILURES = (psycopg.OperationalError, OSError, TimeoutError)
+_FAILURES = (psycopg.DatabaseError, OSError, TimeoutError)
+#: Subclasses of ``DatabaseError`` that mean "this statement is wrong", not "the store is down".
+_STATEMENT_ERRORS = (psycopg.ProgrammingError, psycopg.DataError, psycopg.IntegrityError,
+                     psycopg.NotSupportedError)
+_UNBOUNDED = -1.0
+_READ_ONLY = "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"
+
+
+def _hang_up(conn: psycopg.AsyncConnection) -> None:
+    """The server did not answer in time: shut the socket down so the waiting statement fails
+    at once. Not closed: the descriptor stays psycopg's, which then sees the connection end."""
+    with contextlib.suppress(OSError, psycopg.Error):
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            sock.close()
 
 
 class PgPool:
@@ -41,9 +65,10 @@ class PgPool:
 
     async def open(self) -> None:
         """Bring the budgets schema up to date; raises ``StoreUnavailable`` if unreachable."""
-        if self._migrate:
+        if self._migrate:  # a migration may take long on a big table: not bounded per statement
             await self.run(
-                lambda conn: apply_migrations(conn, _pgschema.COMPONENT, _pgschema.MIGRATIONS)
+                lambda conn: apply_migrations(conn, _pgschema.COMPONENT, _pgschema.MIGRATIONS),
+                timeout_s=None,
             )
 
     async def close(self) -> None:
@@ -76,18 +101,51 @@ class PgPool:
                 self.url, autocommit=True, connect_timeout=max(1, round(self._timeout_s))
             )
 
-    async def run(self, fn: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+    async def run(
+        self, fn: Callable[[psycopg.AsyncConnection], Awaitable[T]], *, timeout_s: float | None = _UNBOUNDED
+    ) -> T:
+        """``fn(conn)``, given at most ``timeout_s`` (default: the pool's store timeout; None:
+        unbounded) before the connection is dropped and ``StoreUnavailable`` raised."""
+        bound = self._timeout_s if timeout_s == _UNBOUNDED else timeout_s
         last: BaseException | None = None
         for _ in range(2):
+            hung: list[bool] = []
             try:
                 async with self.connection() as conn:
-                    return await fn(conn)
+                    return await self._bounded(fn, conn, bound, hung)
             except _FAILURES as exc:
+                if isinstance(exc, _STATEMENT_ERRORS) and not hung:
+                    raise
                 last = exc
-        raise StoreUnavailable(STORE, type(last).__name__) from last
+                if hung or isinstance(exc, TimeoutError):
+                    break  # a store that hangs gets one timeout, not two
+        detail = "no answer" if hung else type(last).__name__
+        raise StoreUnavailable(STORE, detail) from last
+
+    async def _bounded(
+        self, fn: Callable[[psycopg.AsyncConnection], Awaitable[T]], conn: psycopg.AsyncConnection,
+        bound: float | None, hung: list[bool],
+    ) -> T:
+        if bound is None:
+            return await fn(conn)
+
+        def give_up() -> None:
+            hung.append(True)
+            _hang_up(conn)
+
+        timer = asyncio.get_running_loop().call_later(bound, give_up)
+        try:
+            return await fn(conn)
+        finally:
+            timer.cancel()
 
     async def check(self) -> None:
-        async def ping(conn: psycopg.AsyncConnection) -> None:
-            await conn.execute("SELECT 1")
+        """The server answers and takes writes (a standby or a read-only database does not)."""
 
-        await self.run(ping)
+        async def ping(conn: psycopg.AsyncConnection) -> bool:
+            cur = await conn.execute(_READ_ONLY)
+            row = await cur.fetchone()
+            return bool(row and row[0])
+
+        if await self.run(ping):
+            raise StoreUnavailable(STORE, "read-only")

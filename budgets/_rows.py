@@ -24,6 +24,8 @@ _INSERT = (
     " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
     " ON CONFLICT (request_id, attempt) DO NOTHING RETURNING request_id, attempt"
 )
+#: Reports scan many rows: bounded, but far beyond the store timeout that admission statements get.
+REPORT_TIMEOUT_S = 60.0
 _GROUP_COLUMNS = {
     "tenant": "tenant",
     "model": "model",
@@ -135,7 +137,7 @@ class PgRowStore:
             cur = await conn.execute(sql, params)
             return [_store.spend_row(groups, r) for r in await cur.fetchall()]
 
-        return await self.pool.run(query)
+        return await self.pool.run(query, timeout_s=REPORT_TIMEOUT_S)
 
     async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool:
         async def claim(conn: psycopg.AsyncConnection) -> bool:

@@ -25,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -46,7 +47,10 @@ from budgets.windows import WINDOWS, window_end, window_key, window_start
 __all__ = ["RedisLedger", "redis_client"]
 
 STORE = "redis"
-_FAILURES = (RedisConnectionError, RedisTimeoutError, OSError)
+#: What makes Redis unavailable: unreachable, too slow, or answering with an error (OOM,
+#: READONLY replica, a script error, ...). A ``DataError`` (an argument it cannot take) is a
+#: bug and propagates.
+_FAILURES = (RedisConnectionError, RedisTimeoutError, ResponseError, InvalidResponse, OSError)
 #: Counters live this long after their window ends (late settles still find them).
 KEY_GRACE = timedelta(hours=1)
 APPLIED_MARKER_TTL_S = 86_400
@@ -112,8 +116,9 @@ class RedisLedger(SharedLedger):
             await self.rows.close()
 
     async def check(self) -> None:
+        """Redis answers and takes writes (one that is out of memory or a replica does not)."""
         try:
-            await self._redis.ping()  # type: ignore[misc]  # redis-py types sync and async together
+            await self._redis.set(f"{self.prefix}:probe", self.instance, px=60_000)
         except _FAILURES as exc:
             raise StoreUnavailable(STORE, type(exc).__name__) from exc
         await self.rows.check()

@@ -206,28 +206,27 @@ def _date(value: str | None, name: str) -> datetime | None:
 
 
 def _visible_models(rt: Runtime, tenant_id: str) -> list[dict[str, object]]:
+    from gateway.config import alias_candidates, alias_unavailable_reason
+
     tenant = rt.tenants[tenant_id].config
-    names = set(rt.models)
     policy = rt.policies.get(tenant.policy)
-    if policy is not None:
-        for route in policy.file.routes:
-            model_when = route.when.model
-            for alias in [model_when] if isinstance(model_when, str) else (model_when or []):
-                if not any(ch in alias for ch in "*?["):
-                    names.add(alias)
+    aliases = alias_candidates(policy) if policy is not None else {}
+    names = set(rt.models) | set(aliases)
     visible = sorted(n for n in names if any(fnmatch.fnmatchcase(n, g) for g in tenant.allowed_models))
+    unavailable: dict[str, str] = {}  # model -> why: its provider's key unset, or its health check down
+    for name, candidate in rt.catalog.items():
+        if not candidate.healthy:
+            health = rt.health.states.get(candidate.provider)
+            unavailable[name] = (rt.loaded.providers[candidate.provider].unavailable_reason()
+                                 or (f"health check {health.describe()}" if health and not health.healthy
+                                     else "unhealthy"))
     out: list[dict[str, object]] = []
     for name in visible:
         model = rt.models.get(name)
-        candidate = rt.catalog.get(name)
-        out.append({
-            "id": name,
-            "object": "model",
-            "created": 0,
-            "owned_by": model.provider if model else "gateway",
-            "gateway": {
-                "kind": "model" if model else "alias",
-                "available": candidate.healthy if candidate else True,
-            },
-        })
+        reason = unavailable.get(name) if model else alias_unavailable_reason(aliases.get(name, []), unavailable)
+        meta: dict[str, object] = {"kind": "model" if model else "alias", "available": reason is None}
+        if reason is not None:
+            meta["reason"] = reason
+        out.append({"id": name, "object": "model", "created": 0,
+                    "owned_by": model.provider if model else "gateway", "gateway": meta})
     return out

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import secrets
 import sqlite3
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +32,7 @@ from gateway.sensitive import placeholder, redact
 log = logging.getLogger("gateway.audit")
 
 RECORD_KINDS = ("request", "admin", "purge")
+_MAX_BACKOFF_S = 2.0  # the longest wait between write attempts while the store fails
 _SECRET_FIELD_NAMES = ("password", "passwd", "secret", "token", "api_key", "apikey", "authorization")
 
 
@@ -77,14 +79,17 @@ class AuditRecord:
     ttft_ms: float | None = None
     overhead_ms: float | None = None
     trace_id: str | None = None
+    # request_id is the gateway's own unique id (the ledger rows' key); this is the caller's x-request-id, if any.
+    client_request_id: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
     features: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     # Only with audit.log_bodies; raw until the flush thread redacts them.
     request_body: Any = None
     response_text: str | None = None
-    # Set when the record is written (gateway.audit_store): position and chain links.
+    # Set when the record is written (gateway.audit_store): position, segment, chain links.
     seq: int | None = None
+    segment: str | None = None  # the local JSON-lines file's segment (one per replica): chained per segment
     prev_hash: str | None = None
     hash: str | None = None
 
@@ -146,6 +151,7 @@ class AuditWriter:
         self._conn: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()  # one store operation at a time on the one connection
         self.spool: Any = None  # gateway.audit_spool.AuditSpool (set by the runtime): failed writes, on disk
+        self._failures: set[str] = set()  # what has failed since the last good write (logged once each)
 
     @property
     def jsonl_path(self) -> Path:
@@ -173,6 +179,8 @@ class AuditWriter:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        async with self._lock:  # a write or lookup still in its thread (the loop's, shielded) ends first
+            pass
         await self.flush()
         if self.spool is not None:
             await self.spool.close()  # a non-empty spool stays on disk for the next process
@@ -181,33 +189,60 @@ class AuditWriter:
             self._conn = None
 
     async def _flush_loop(self) -> None:
+        delay = self._interval
         while True:
-            await asyncio.sleep(self._interval)
-            await self.flush()
+            await asyncio.sleep(delay)
+            try:
+                await self.flush()
+            except Exception as exc:  # noqa: BLE001 - never dies: whatever failed, the records stay queued
+                self._failed("flush", exc)
+            # A failing store is retried less and less often (the queue keeps its order meanwhile).
+            delay = min(max(delay * 2, self._interval), _MAX_BACKOFF_S) if self._failures else self._interval
 
     async def _purge_loop(self) -> None:
         while True:
             try:
                 await self.purge()
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - never dies: the next run tries again
                 log.error("audit retention purge failed; will retry", extra={"error": type(exc).__name__})
             await asyncio.sleep(self._purge_interval_s)
 
     async def flush(self) -> None:
-        if not self._pending or self._conn is None:
-            return
-        batch, self._pending = self._pending, []
-        async with self._lock:
+        if self._pending and self._conn is not None:
+            # Shielded: a caller cancelled meanwhile (the loop, at shutdown) never drops a batch taken.
+            await asyncio.shield(self._flush_now())
+
+    async def _flush_now(self) -> None:
+        async with self._lock:  # the batch is taken under the lock, so batches reach the store in order
+            if not self._pending or self._conn is None:
+                return
+            batch, self._pending = self._pending, []
             try:
                 await asyncio.to_thread(self._write_batch, batch)
-            except (sqlite3.Error, OSError) as exc:
-                log.error("audit flush failed; will retry", extra={"error": type(exc).__name__, "records": len(batch)})
-                self._pending = batch + self._pending
-                if self.spool is not None:
-                    await self.spool.on_failure(self._pending, self._storable)
-            else:
-                if self.spool is not None:
-                    await self.spool.on_written(len(batch))
+            except Exception as exc:  # noqa: BLE001 - any failure: back to the front of the queue, retried later
+                self._pending[:0] = batch
+                self._failed("flush", exc)
+                await self._to_spool(self.spool.on_failure(self._pending, self._storable) if self.spool else None)
+                return
+            if self._failures:
+                log.info("audit writes recovered", extra={"records": len(batch) + len(self._pending)})
+                self._failures.clear()
+            await self._to_spool(self.spool.on_written(len(batch)) if self.spool else None)
+
+    async def _to_spool(self, step: Awaitable[None] | None) -> None:
+        try:
+            if step is not None:
+                await step
+        except Exception as exc:  # noqa: BLE001 - the records are still queued in memory; the next failure spools them
+            self._failed("spool write", exc)
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        """Log a failure once per outage and error type (not at every retry)."""
+        kind = f"{what}:{type(exc).__name__}"
+        if kind not in self._failures:
+            self._failures.add(kind)
+            log.error(f"audit {what} failed; will retry",
+                      extra={"error": type(exc).__name__, "records": len(self._pending)})
 
     def _storable(self, record: AuditRecord) -> AuditRecord:
         """A copy as it may be stored: bodies redacted, or dropped without log_bodies."""

@@ -1,14 +1,18 @@
-"""Audit storage on SQLite plus a JSON-lines copy. Every function here is blocking.
+"""Audit storage on SQLite (or PostgreSQL) plus a JSON-lines copy. Every function here is blocking.
 
 These few functions are the whole storage seam (connect, append, read, purge, rows for
 verify and for the dashboard's request stats); another backend replaces them one for one.
-Appends run inside one write transaction that also reads the chain's tail, so several
-processes sharing the database still build one unbroken chain, and the JSON-lines copy is
-written in the same order while the database write lock is held.
+Appends run inside one write transaction (on PostgreSQL: one advisory lock for every
+replica), which assigns the next `seq`s, so processes sharing the database never fork it.
+Each local JSON-lines file is a segment of the chain (gateway/audit_chain.py): its newest
+line names the segment and the hash the next record links to, and it is written in the same
+order while the database write lock is held, so workers sharing a file share its segment.
 """
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 import sqlite3
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -31,14 +35,63 @@ def _iso(ts: datetime) -> str:
     return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
 
 
-def tail(conn: sqlite3.Connection) -> tuple[int, str]:
-    """(seq, hash) of the newest record; (0, GENESIS) for an empty store."""
-    row = conn.execute(
-        "SELECT seq, json_extract(record, '$.hash') FROM audit_records ORDER BY seq DESC LIMIT 1"
-    ).fetchone()
-    if row is None:
-        return 0, audit_chain.GENESIS
-    return int(row[0]), row[1] or audit_chain.GENESIS
+def _last_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT MAX(seq) FROM audit_records").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def new_segment() -> str:
+    """A segment id: this host's name (a replica's, in containers) and a random part."""
+    return f"{socket.gethostname()[:48] or 'gateway'}-{secrets.token_hex(4)}"
+
+
+def _last_line(path: Path) -> bytes | None:
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        return None
+    with fh:
+        pos = fh.seek(0, os.SEEK_END)
+        buf, step = b"", 8192
+        while pos > 0:
+            size = min(step, pos)
+            pos -= size
+            fh.seek(pos)
+            buf = fh.read(size) + buf
+            text = buf.rstrip(b"\n")
+            cut = text.rfind(b"\n")
+            if cut >= 0:
+                return text[cut + 1:]
+            step *= 2
+        return buf.rstrip(b"\n") or None
+
+
+def segment_tail(jsonl_path: Path) -> tuple[str, str]:
+    """(segment, hash to link to) for the next record written through this file: its newest
+    line's, or a new segment when the file is empty, missing or older than segments."""
+    line = _last_line(jsonl_path)
+    if line:
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("segment"), str) and isinstance(data.get("hash"), str):
+            return data["segment"], data["hash"]
+    return new_segment(), audit_chain.GENESIS
+
+
+def _write_lines(path: Path, lines: list[bytes]) -> int:
+    """Append lines; returns the file's size before, to undo the write if the commit fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab") as fh:
+        before = fh.tell()
+        fh.write(b"\n".join(lines) + b"\n")
+    return before
+
+
+def _undo_lines(path: Path, size: int) -> None:
+    with path.open("r+b") as fh:
+        fh.truncate(size)
 
 
 def append(conn: sqlite3.Connection, jsonl_path: Path, records: Sequence[Any]) -> None:
@@ -46,22 +99,27 @@ def append(conn: sqlite3.Connection, jsonl_path: Path, records: Sequence[Any]) -
     if not records:
         return
     conn.execute("BEGIN IMMEDIATE")
+    written: int | None = None
     try:
-        seq, prev = tail(conn)
+        seq = _last_seq(conn)
+        segment, prev = segment_tail(jsonl_path)
         rows, lines = [], []
         for record in records:
             seq += 1
+            record.segment = segment
             line, prev = audit_chain.seal(record, seq, prev)
             rows.append((seq, record.request_id, record.ts, record.tenant, line.decode()))
             lines.append(line)
         conn.executemany(_INSERT, rows)
-        jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        with jsonl_path.open("ab") as fh:
-            fh.write(b"\n".join(lines) + b"\n")
+        written = _write_lines(jsonl_path, lines)
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
+        try:
+            if written is not None:  # the database has none of them: neither may the copy
+                _undo_lines(jsonl_path, written)
+        finally:  # (undone first: the write lock still keeps the file's other writers out)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
         raise
 
 
@@ -103,7 +161,10 @@ def request_stats(conn: sqlite3.Connection, since: datetime | None, until: datet
 
 
 def purge_before(conn: sqlite3.Connection, jsonl_path: Path, cutoff: datetime, now: datetime | None = None) -> int:
-    """Remove the oldest records with ts < cutoff (a prefix of the chain) and record the purge."""
+    """Remove the oldest records with ts < cutoff (a prefix of the database) and record the purge.
+
+    The local copy loses the same prefix; when another replica did the purge, this one's copy
+    is trimmed to it here (on its own next scheduled run)."""
     from gateway.audit import (
         AuditRecord,  # the record type; imported here to keep the seam one-way
     )
@@ -111,22 +172,27 @@ def purge_before(conn: sqlite3.Connection, jsonl_path: Path, cutoff: datetime, n
     conn.execute("BEGIN IMMEDIATE")
     try:
         first_kept = conn.execute("SELECT MIN(seq) FROM audit_records WHERE ts >= ?", (_iso(cutoff),)).fetchone()[0]
-        last_seq, _ = tail(conn)
+        last_seq = _last_seq(conn)
         through = (int(first_kept) - 1) if first_kept is not None else last_seq
         row = conn.execute(
             "SELECT COUNT(*), json_extract(MAX(CASE WHEN seq = ? THEN record END), '$.hash')"
             " FROM audit_records WHERE seq <= ?", (through, through)).fetchone()
         count, anchor = int(row[0]), row[1]
         if count == 0 or anchor is None:
+            _trim_to_last_purge(conn, jsonl_path)
             conn.execute("ROLLBACK")
             return 0
+        anchors = {segment or "": digest for segment, digest in conn.execute(
+            "SELECT json_extract(record, '$.segment'), json_extract(record, '$.hash') FROM audit_records"
+            " WHERE seq IN (SELECT MAX(seq) FROM audit_records WHERE seq <= ?"
+            " GROUP BY json_extract(record, '$.segment'))", (through,))}
         conn.execute("DELETE FROM audit_records WHERE seq <= ?", (through,))
         stamp = _iso(now or datetime.now(UTC))
         record = AuditRecord(request_id=f"purge_{last_seq + 1}", ts=stamp, api="system", endpoint="retention",
                              kind="purge", action="audit.purged",
-                             details={"purged_through_seq": through, "anchor_hash": anchor,
+                             details={"purged_through_seq": through, "anchor_hash": anchor, "anchors": anchors,
                                       "purged": count, "cutoff": _iso(cutoff)})
-        prev = anchor if last_seq == through else tail(conn)[1]
+        record.segment, prev = segment_tail(jsonl_path)
         line, _ = audit_chain.seal(record, last_seq + 1, prev)
         conn.execute(_INSERT, (last_seq + 1, record.request_id, record.ts, None, line.decode()))
         _rewrite_jsonl(jsonl_path, through, line)
@@ -138,7 +204,34 @@ def purge_before(conn: sqlite3.Connection, jsonl_path: Path, cutoff: datetime, n
         raise
 
 
-def _rewrite_jsonl(path: Path, through: int, purge_line: bytes) -> None:
+def _trim_to_last_purge(conn: sqlite3.Connection, jsonl_path: Path) -> None:
+    """Drop from the local copy what another replica's purge removed from the database
+    (only as far as a purge record vouches for: the copy is evidence otherwise)."""
+    first = _first_line_seq(jsonl_path)
+    oldest = conn.execute("SELECT MIN(seq) FROM audit_records").fetchone()[0]
+    if first is None or oldest is None or first >= int(oldest):
+        return
+    row = conn.execute("SELECT record FROM audit_records WHERE json_extract(record, '$.kind') = 'purge'"
+                       " ORDER BY seq DESC LIMIT 1").fetchone()
+    through = orjson.loads(row[0]).get("details", {}).get("purged_through_seq") if row else None
+    if isinstance(through, int) and first <= through:
+        _rewrite_jsonl(jsonl_path, through, None)
+
+
+def _first_line_seq(path: Path) -> int | None:
+    try:
+        with path.open("rb") as fh:
+            line = fh.readline()
+    except FileNotFoundError:
+        return None
+    try:
+        seq = orjson.loads(line).get("seq") if line.strip() else None
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) else None
+
+
+def _rewrite_jsonl(path: Path, through: int, purge_line: bytes | None) -> None:
     kept: list[bytes] = []
     if path.exists():
         for line in path.read_bytes().splitlines():
@@ -150,10 +243,11 @@ def _rewrite_jsonl(path: Path, through: int, purge_line: bytes) -> None:
                 seq = None
             if not isinstance(seq, int) or seq > through:
                 kept.append(line)  # keep anything unrecognised: verify will point at it
-    kept.append(purge_line)
+    if purge_line is not None:
+        kept.append(purge_line)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as fh:
-        fh.write(b"\n".join(kept) + b"\n")
+        fh.write(b"".join(line + b"\n" for line in kept))
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -173,24 +267,65 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int | None, bytes]]:
                 yield None, line.rstrip(b"\n")
 
 
-def verify_all(db_path: Path, jsonl_path: Path) -> list[audit_chain.VerifyResult]:
-    """Verify the database and the JSON-lines copy, then compare their heads."""
+def verify_all(db_path: Path | str, jsonl_paths: Path | Sequence[Path]) -> list[audit_chain.VerifyResult]:
+    """Verify the database (every segment) and each local JSON-lines copy (its own segments),
+    then check that each copy's segments end where the database's do."""
+    paths = [jsonl_paths] if isinstance(jsonl_paths, Path) else list(jsonl_paths)
     conn = connect(db_path)
     try:
-        results = [audit_chain.verify(database_rows(conn), "database")]
+        db = audit_chain.verify(database_rows(conn), "database")
+        results = [db]
+        for path in paths:
+            if not path.exists():
+                continue
+            copy = audit_chain.verify(jsonl_rows(path), f"jsonl {path}", known=db.marks)
+            results.append(copy)
+            if db.ok and copy.ok:
+                results.extend(_compare_heads(conn, db, copy, path))
     finally:
         conn.close()
-    if jsonl_path.exists():
-        results.append(audit_chain.verify(jsonl_rows(jsonl_path), f"jsonl {jsonl_path}"))
-        db, js = results
-        if db.ok and js.ok and (db.head_seq, db.head_hash) != (js.head_seq, js.head_hash):
-            behind = db if (db.head_seq or 0) < (js.head_seq or 0) else js
-            ahead = js if behind is db else db
-            results.append(audit_chain.VerifyResult(
-                behind.source, behind.checked, False, (behind.head_seq or 0) + 1, None,
-                f"newest records are missing here: it ends at seq {behind.head_seq}, "
-                f"the {ahead.source.split()[0]} copy at seq {ahead.head_seq} (records removed)"))
     return results
+
+
+def _compare_heads(conn: sqlite3.Connection, db: audit_chain.VerifyResult, copy: audit_chain.VerifyResult,
+                   path: Path) -> list[audit_chain.VerifyResult]:
+    """A segment of the copy must end where the database's does (unless already purged there)."""
+    purged = db.marks.newest if db.marks else 0
+    out = []
+    for segment, (seq, digest) in sorted(copy.segments.items()):
+        held = db.segments.get(segment)
+        if held == (seq, digest) or (held is None and seq <= purged):
+            continue
+        named = f"segment {segment}" if segment else "the chain"
+        if held is not None and held[0] > seq:  # the copy lags: its newest records were removed
+            row = conn.execute("SELECT seq, request_id FROM audit_records WHERE seq > ? AND"
+                               " COALESCE(json_extract(record, '$.segment'), '') = ? ORDER BY seq LIMIT 1",
+                               (seq, segment)).fetchone() or (held[0], None)
+            out.append(audit_chain.VerifyResult(
+                copy.source, copy.checked, False, int(row[0]), row[1],
+                f"the newest records of {named} are missing here: it ends at seq {seq}, the database "
+                f"at seq {held[0]} (records removed)"))
+            continue
+        if held is not None and held[0] == seq:
+            out.append(audit_chain.VerifyResult(
+                db.source, db.checked, False, seq, None,
+                f"the database and {copy.source} disagree on seq {seq} of {named} (one of them was altered)"))
+            continue
+        since = held[0] if held is not None else purged
+        missing, request_id = next(((s, r) for s, r in _segment_seqs(path, segment) if s > since), (seq, None))
+        where = f"ends at seq {held[0]}" if held is not None else "has none of it"
+        out.append(audit_chain.VerifyResult(
+            db.source, db.checked, False, missing, request_id,
+            f"the newest records of {named} are missing here: the database {where}, "
+            f"{copy.source} goes on to seq {seq} (records removed)"))
+    return out
+
+
+def _segment_seqs(path: Path, segment: str) -> Iterator[tuple[int, str | None]]:
+    for _, line in jsonl_rows(path):
+        data = orjson.loads(line)
+        if audit_chain.segment_of(data) == segment:
+            yield int(data["seq"]), data.get("request_id")
 
 
 def last_action(conn: sqlite3.Connection, action: str) -> dict[str, Any] | None:

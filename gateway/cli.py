@@ -8,13 +8,16 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import orjson
 
-from gateway.config import LoadedConfig, load_config
+from gateway.config import LoadedConfig, availability_notes, load_config
 from gateway.settings import Settings
 from routing_policies import SourceError
+
+
+class UsageError(Exception):
+    """What the user gave cannot be used (its message is the whole explanation)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SourceError as exc:
         print("\n".join(exc.errors), file=sys.stderr)
+        return 1
+    except UsageError as exc:  # a bad argument or input file: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 0
@@ -52,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = cmd("explain", _explain, "print the routing decision for a request without sending it")
     sp.add_argument("--tenant", required=True)
     sp.add_argument("--model", required=True)
-    sp.add_argument("--body", help="request body JSON file (OpenAI chat format)")
+    sp.add_argument("--body", help="request body JSON file: OpenAI chat/embeddings or Anthropic Messages")
+    sp.add_argument("--api", choices=["openai", "anthropic"],
+                    help="the body's format (default: detected from its shape)")
     sp.add_argument("--data-class", dest="data_class", choices=["public", "internal", "confidential", "restricted"],
                     help="as the x-gateway-data-class header: can only raise the tenant's class")
     sp.add_argument("--json", action="store_true")
@@ -97,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=1000)
     verify = sp.add_subparsers(dest="audit_command").add_parser("verify", help="check the audit hash chain")
     verify.add_argument("--config", default=argparse.SUPPRESS, help="gateway config YAML")
+    verify.add_argument("--jsonl", action="append", default=[], metavar="FILE",
+                        help="also check another replica's JSON-lines copy (repeatable)")
     verify.set_defaults(func=_audit_verify)
     return p
 
@@ -109,6 +119,8 @@ def _check(args: argparse.Namespace) -> int:
     loaded = _load(args)
     for note in loaded.warnings:
         print(f"warning: {note}")
+    for note in availability_notes(loaded):
+        print(note)
     print(f"ok: {len(loaded.providers)} providers, {len(loaded.models)} models, "
           f"{len(loaded.tenants)} tenants, {len(loaded.policies)} policies")
     return 0
@@ -124,11 +136,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from gateway.explain import explain_offline, explain_text
+    from gateway.errors import InvalidRequest
+    from gateway.explain import explain_offline, explain_text, read_body_file
 
     loaded = _load(args)
-    body = orjson.loads(Path(args.body).read_bytes()) if args.body else None
-    result = explain_offline(loaded, args.tenant, args.model, body, args.data_class)
+    try:
+        body = read_body_file(args.body) if args.body else None
+        result = explain_offline(loaded, args.tenant, args.model, body, args.data_class, args.api)
+    except InvalidRequest as exc:
+        raise UsageError(f"--body {args.body}: {exc.message}" if args.body else exc.message) from None
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     else:
@@ -140,7 +156,8 @@ def _policy_simulate(args: argparse.Namespace) -> int:
     from gateway.simulate import run_simulation
 
     loaded = _load(args)
-    print(run_simulation(loaded, args.policy, since=_parse_date(args.since), until=_parse_date(args.until, end=True),
+    print(run_simulation(loaded, args.policy, since=_parse_date(args.since, flag="--since"),
+                         until=_parse_date(args.until, end=True, flag="--until"),
                          audit_file=args.audit, fmt=args.format))
     return 0
 
@@ -204,10 +221,13 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return 1
 
 
-def _parse_date(value: str | None, *, end: bool = False) -> datetime | None:
+def _parse_date(value: str | None, *, end: bool = False, flag: str = "date") -> datetime | None:
     if not value:
         return None
-    parsed = datetime.fromisoformat(value)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{flag}: {value!r} is not a date (YYYY-MM-DD) or an ISO 8601 timestamp") from None
     parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     if end and len(value) == 10:
         parsed += timedelta(days=1)  # --until 2026-11-25 includes that whole day
@@ -252,7 +272,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
     if not getattr(args, "config", None):
         print("error: --config is required", file=sys.stderr)
         return 2
-    return audit_verify_command(_load(args))
+    return audit_verify_command(_load(args), args.jsonl)
 
 
 def _audit_admin(loaded: LoadedConfig, action: str, tenant: str | None, details: dict[str, object]) -> None:

@@ -89,6 +89,10 @@ class ProviderConfig(_Strict):
         """The provider key, read from its env var at call time (never stored in config)."""
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
+    def unavailable_reason(self) -> str | None:
+        """Why the config alone makes this provider unusable (its key env var is unset), if it does."""
+        return f"{self.api_key_env} not set" if self.api_key_env and not self.api_key() else None
+
 
 class ModelConfig(_Strict):
     name: str
@@ -270,6 +274,42 @@ def _reference_errors(doc: YamlDoc, config: GatewayConfig, policies: dict[str, C
     return errors
 
 
+def alias_candidates(policy: CompiledPolicy) -> dict[str, list[str]]:
+    """The aliases a policy's routes name (`when: {model: smart}`), each with the models those
+    routes may choose, in order (`$requested` left out)."""
+    out: dict[str, list[str]] = {}
+    for route in policy.file.routes:
+        names = route.when.model
+        for alias in [names] if isinstance(names, str) else (names or []):
+            if not any(ch in alias for ch in "*?["):
+                picks = out.setdefault(alias, [])
+                picks.extend(c for c in route.candidates if c != "$requested" and c not in picks)
+    return out
+
+
+def alias_unavailable_reason(picks: list[str], unavailable: dict[str, str]) -> str | None:
+    """An alias is available while any of its candidates is; else why none is."""
+    if not picks or any(p not in unavailable for p in picks):
+        return None
+    return "no candidate is available: " + "; ".join(f"{p}: {unavailable[p]}" for p in picks)
+
+
+def availability_notes(loaded: LoadedConfig) -> list[str]:
+    """`gateway check`: the models and aliases the config alone leaves unusable (keys unset)."""
+    unavailable = {m.name: why for m in loaded.models.values()
+                   if (why := loaded.providers[m.provider].unavailable_reason()) is not None}
+    notes = [f"unavailable: model {name!r}: {why}" for name, why in unavailable.items()]
+    for policy_name, policy in sorted(loaded.policies.items()):
+        for alias, picks in alias_candidates(policy).items():
+            if (why := alias_unavailable_reason(picks, unavailable)) is not None:
+                notes.append(f"unavailable: alias {alias!r} (policy {policy_name}): {why}")
+            elif down := [p for p in picks if p in unavailable]:
+                up = ", ".join(p for p in picks if p not in unavailable)
+                notes.append(f"available: alias {alias!r} (policy {policy_name}) through {up}; "
+                             f"{', '.join(down)} unavailable")
+    return notes
+
+
 def _warnings(config: GatewayConfig) -> list[str]:
     notes: list[str] = []
     for model in config.models:
@@ -278,4 +318,20 @@ def _warnings(config: GatewayConfig) -> list[str]:
     for provider in config.providers:
         if provider.api_key_env and not os.environ.get(provider.api_key_env):
             notes.append(f"provider {provider.name!r}: ${provider.api_key_env} is not set (unavailable until it is)")
+    notes.extend(_per_process_limits(config))
     return notes
+
+
+def _per_process_limits(config: GatewayConfig) -> list[str]:
+    """PostgreSQL without Redis: budgets are shared by replicas, rate limits are not (in memory)."""
+    state = config.state
+    if state.redis_url or not state.database_url.startswith(("postgresql://", "postgres://")):
+        return []
+    limited = [t.id for t in config.tenants
+               if t.rate_limits.requests_per_minute is not None or t.rate_limits.tokens_per_minute is not None]
+    if not limited:
+        return []
+    names = ", ".join(repr(name) for name in limited)
+    return [(f"state.redis_url is not set: rate limits of tenant{'s' if len(limited) > 1 else ''} {names} are "
+             "counted per gateway process, so N replicas on this PostgreSQL admit up to N x the limit; "
+             "set state.redis_url to share them")]

@@ -3,7 +3,9 @@
 Exact from the provider when the routed model is Anthropic-type; otherwise (or when that
 provider cannot answer) the gateway's offline count, which covers the system prompt,
 every content block and the tool definitions, and is marked `x-gateway-token-count:
-estimated`. Authenticated and routed like a request, audited, never billed.
+estimated`; for an Anthropic model that count is the upper bound (`tokens.upper_bound`), so
+it never undercounts. Authenticated and routed like a request, audited, never billed, and
+never mirrored to a route's shadow model.
 """
 from __future__ import annotations
 
@@ -65,9 +67,11 @@ async def count_tokens(rt: Runtime, request: Request) -> Response:
 
 async def _count(rt: Runtime, model: ModelConfig, endpoint: Endpoint, parsed: ParsedRequest,
                  ex: Exchange) -> tuple[int, bool]:
-    """(input tokens, exact?)."""
+    """(input tokens, exact?). Offline, an Anthropic model gets the upper bound: Claude's
+    tokenizer splits text finer than cl100k, and a caller sizing a prompt must not be told less."""
     if endpoint.type != "anthropic":
         return parsed.input_tokens, False
+    offline = parsed.input_tokens_bound
     upstream = anthropic_adapter.build_count_tokens_request(endpoint, parsed.body, model.upstream_model,
                                                             beta=parsed.anthropic_beta)
     try:
@@ -78,7 +82,7 @@ async def _count(rt: Runtime, model: ModelConfig, endpoint: Endpoint, parsed: Pa
             raise UpstreamRejected("the upstream model rejected the request", status=exc.status or 400) from None
         log.warning("count_tokens upstream failed; counting offline",
                     extra={"request_id": ex.request_id, "error": exc.kind, "status": exc.status})
-        return parsed.input_tokens, False
+        return offline, False
     try:
         payload = orjson.loads(answer.body)
     except orjson.JSONDecodeError:
@@ -86,4 +90,4 @@ async def _count(rt: Runtime, model: ModelConfig, endpoint: Endpoint, parsed: Pa
     value = payload.get("input_tokens") if isinstance(payload, dict) else None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value, True
-    return parsed.input_tokens, False
+    return offline, False

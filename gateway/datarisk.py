@@ -1,9 +1,14 @@
 """A request's data class, the routing input that keeps sensitive data local.
 
 The class is the highest of: the tenant's `data_class`, the `x-gateway-data-class` header
-(it can raise the class, never lower it) and a content scan of the message text, where any
-secret or PII (gateway/sensitive.py) makes it at least `confidential`. Nothing else in a
-prompt can change routing: only message text is scanned, and only for those detectors.
+(it can raise the class, never lower it) and a content scan of what the model will read, where
+any secret or PII (gateway/sensitive.py) makes it at least `confidential`. Nothing else in a
+prompt can change routing: only that text is scanned, and only for those detectors.
+
+What is scanned: `system`, every message's text (OpenAI parts, Anthropic blocks, tool results
+and documents), the tool calls a conversation replays (OpenAI `tool_calls[].function.arguments`,
+Anthropic `tool_use.input`), the tool definitions (names, descriptions, schemas) and embedding
+input. Tool definitions repeat across requests, so their verdict is memoised per text.
 
 The scan is skipped when the class is already `confidential` or higher, since it could
 not raise it further. The verdict keeps the detector kinds that fired, never the text.
@@ -13,13 +18,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
+
+import orjson
 
 from gateway.errors import InvalidRequest
 from gateway.sensitive import find_sensitive
 from routing_policies import DATA_CLASSES
 
-__all__ = ["HEADER", "SCAN_FLOOR", "DataClassVerdict", "classify", "message_text", "user_hash"]
+__all__ = ["HEADER", "SCAN_FLOOR", "DataClassVerdict", "classify", "message_text", "tool_text", "user_hash"]
 
 HEADER = "x-gateway-data-class"
 SCAN_FLOOR = "confidential"
@@ -61,7 +69,11 @@ def classify(tenant_class: str, header: str | None, body: Mapping[str, Any]) -> 
             raised.append("header")
     if _RANK[current] >= _RANK[SCAN_FLOOR]:
         return DataClassVerdict(current, tenant_class, tuple(raised))
-    kinds = tuple(sorted({finding.kind for finding in find_sensitive(message_text(body))}))
+    found = {finding.kind for finding in find_sensitive(message_text(body))}
+    definitions = tool_text(body)
+    if definitions:
+        found |= _kinds_memo(definitions) if len(definitions) <= _MEMO_MAX_CHARS else _kinds(definitions)
+    kinds = tuple(sorted(found))
     if kinds:
         current = SCAN_FLOOR
         raised.append("scan")
@@ -77,12 +89,27 @@ def message_text(body: Mapping[str, Any]) -> str:
         for message in messages:
             if isinstance(message, dict):
                 _collect(message.get("content"), texts)
+                _collect_calls(message, texts)
     value = body.get("input")
     if isinstance(value, str):
         texts.append(value)
     elif isinstance(value, list):
         texts.extend(item for item in value if isinstance(item, str))
     return "\n".join(texts)
+
+
+def tool_text(body: Mapping[str, Any]) -> str:
+    """The tool definitions a model reads (OpenAI `tools` / legacy `functions`, Anthropic `tools`)."""
+    parts = [value for key in ("tools", "functions") if isinstance(value := body.get(key), list) and value]
+    return "\n".join(orjson.dumps(part).decode() for part in parts)
+
+
+def _kinds(text: str) -> frozenset[str]:
+    return frozenset(finding.kind for finding in find_sensitive(text))
+
+
+_MEMO_MAX_CHARS = 32 * 1024
+_kinds_memo = lru_cache(maxsize=256)(_kinds)  # bounded: 256 tool sets of at most 32 KB
 
 
 def user_hash(body: Mapping[str, Any]) -> str:
@@ -109,3 +136,20 @@ def _collect(content: Any, texts: list[str], depth: int = 0) -> None:
                 texts.append(text)
             elif "content" in part:  # Anthropic tool_result blocks nest their content
                 _collect(part["content"], texts, depth + 1)
+            elif part.get("type") == "tool_use" and "input" in part:  # a replayed call's arguments
+                texts.append(orjson.dumps(part["input"]).decode())
+            elif part.get("type") == "document" and isinstance(source := part.get("source"), dict):
+                if isinstance(source.get("data"), str) and source.get("type") == "text":
+                    texts.append(source["data"])
+                elif source.get("type") == "content":
+                    _collect(source.get("content"), texts, depth + 1)
+
+
+def _collect_calls(message: Mapping[str, Any], texts: list[str]) -> None:
+    """OpenAI assistant tool calls (and the legacy `function_call`): their arguments are model input too."""
+    calls = message.get("tool_calls")
+    functions = [c.get("function") for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+    functions.append(message.get("function_call"))
+    for fn in functions:
+        if isinstance(fn, dict) and (arguments := fn.get("arguments")) is not None:
+            texts.append(arguments if isinstance(arguments, str) else orjson.dumps(arguments).decode())

@@ -46,11 +46,11 @@ from adapters.base import (
 )
 from adapters.http import Timeouts, UpstreamClient, context_overflow
 from adapters.stream_translate import StreamTap
-from gateway import translation
+from gateway import translation, upstream_errors
 from gateway.audit import Attempt
 from gateway.breaker import Breakers
 from gateway.config import ModelConfig
-from gateway.errors import InvalidRequest, UpstreamFailed, UpstreamRejected
+from gateway.errors import InvalidRequest, UpstreamFailed
 from gateway.parsing import ParsedRequest
 
 PER_CANDIDATE_ATTEMPTS = 2
@@ -203,7 +203,7 @@ class _Job:
             self.last = exc
             action = classify(exc)
             if action == "reject":
-                raise _rejected(exc) from None
+                raise upstream_errors.rejected(exc) from None  # its status and known code, never its text
             if action == "context":  # a candidate fits only with a larger window (and the size the upstream saw)
                 self.context_error = exc
                 needed = context_overflow(exc)[1] or 0
@@ -310,8 +310,7 @@ class _Job:
 
     def _final_error(self) -> Exception:
         if self.context_error is not None and self.last is self.context_error:
-            return UpstreamRejected("the request does not fit the model's context window (context_length_exceeded)",
-                                    status=400)
+            return upstream_errors.context_length_exceeded()
         if self.inexpressible is not None and self.last is None:
             return self.inexpressible
         return _failed(self.last)
@@ -342,11 +341,6 @@ def stream_complete(tap: StreamTap) -> bool:
     """The upstream finished its answer: [DONE] / message_stop, or (OpenAI-compatible servers
     that close without [DONE]) a finish reason."""
     return tap.done or getattr(tap, "finish_reason", None) is not None
-
-
-def _rejected(exc: UpstreamError) -> UpstreamRejected:
-    code = f" ({exc.code})" if exc.code and exc.code.replace("_", "").isalnum() and len(exc.code) <= 64 else ""
-    return UpstreamRejected(f"the upstream model rejected the request{code}", status=exc.status or 400)
 
 
 def _failed(exc: UpstreamError | None) -> UpstreamFailed:

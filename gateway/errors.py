@@ -82,9 +82,14 @@ class UpstreamRejected(GatewayError):
 
     status, code, type = 400, "invalid_request", "invalid_request_error"
 
-    def __init__(self, message: str, *, status: int = 400, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, status: int = 400, headers: dict[str, str] | None = None,
+                 code: str | None = None, type: str | None = None) -> None:
         super().__init__(message, headers={**(headers or {}), "x-should-retry": "false"})
         self.status = status
+        if code is not None:  # a known provider code passed on (gateway/upstream_errors.py)
+            self.code = code
+        if type is not None:
+            self.type = type
 
 
 class ServiceUnavailable(GatewayError):

@@ -16,7 +16,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 from budgets import BudgetLimit, StoreUnavailable
 from gateway import tokens
@@ -31,7 +34,8 @@ from gateway.latency import (
     observed_latency,
     with_observed_latency,
 )
-from gateway.parsing import _chat_capabilities
+from gateway.parsing import _chat_capabilities, load_json_object
+from gateway.parsing_anthropic import parse_count_tokens
 from gateway.pipeline import read_balance, remaining_budget
 from gateway.runtime import Runtime, candidate_for
 from gateway.stores import reporting_ledger
@@ -51,6 +55,7 @@ from routing_policies.filters import effective_p95, format_usd
 BudgetLeft = tuple[Decimal | None, int | None]
 log = logging.getLogger("gateway.explain")
 _STATUS = {"ok": 200, "model_not_allowed": 403, "model_not_found": 404}
+BODY_APIS = ("openai", "anthropic")
 
 
 def catalog(loaded: LoadedConfig, *, assume_healthy: bool = False) -> dict[str, Candidate]:
@@ -65,18 +70,20 @@ def explain(loaded: LoadedConfig, tenant_id: str, model: str, body: dict[str, An
             health: Mapping[str, ProviderHealth] | None = None,
             policies: Mapping[str, CompiledPolicy] | None = None,
             latency: Mapping[str, LatencySnapshot] | None = None,
-            budget_left: BudgetLeft = (None, None)) -> dict[str, Any]:
+            budget_left: BudgetLeft = (None, None), api: str | None = None) -> dict[str, Any]:
     """A running gateway passes its `live_catalog`, `health`, `policies` and `latency`; a
     one-shot command passes neither catalog nor health and health-checked providers are
     probed once here. `data_class` acts like the `x-gateway-data-class` header: it can only
-    raise the tenant's class."""
+    raise the tenant's class. `api` is the body's format (`openai` chat / embeddings or
+    `anthropic` Messages); None detects it from the body's shape (`body_api`). A body its
+    format's edge would refuse raises InvalidRequest, as the real request would get a 400."""
     tenant = loaded.tenants.get(tenant_id)
     if tenant is None:
         return {"outcome": "error", "route": "-", "chosen": None, "fallbacks": [], "rejected": [],
                 "reason": f"unknown tenant {tenant_id!r}", "estimated_cost_usd": "0"}
     body = dict(body or {"messages": [{"role": "user", "content": ""}]})
     risk = classify(tenant.data_class, data_class, body)
-    facts = _facts(tenant, model, body, risk, budget_left)
+    facts = _facts(tenant, model, body, risk, budget_left, api or body_api(body))
     if live_catalog is None:
         health = probe_now(loaded) if health is None else health
         up = {name: state.healthy for name, state in health.items()}
@@ -111,9 +118,10 @@ def explain(loaded: LoadedConfig, tenant_id: str, model: str, body: dict[str, An
 
 
 async def explain_live(rt: Runtime, query: Mapping[str, Any]) -> dict[str, Any]:
-    """`POST /admin/explain`: `{"tenant", "model"?, "body"?, "data_class"?}` on live state.
+    """`POST /admin/explain`: `{"tenant", "model"?, "body"?, "data_class"?, "api"?}` on live state.
 
-    `model` defaults to the body's; `data_class` acts like the `x-gateway-data-class` header.
+    `model` defaults to the body's; `data_class` acts like the `x-gateway-data-class` header;
+    `api` (`openai` | `anthropic`) is the body's format, detected from its shape when absent.
     """
     tenant_id = query.get("tenant")
     if not isinstance(tenant_id, str) or tenant_id not in rt.tenants:
@@ -127,27 +135,40 @@ async def explain_live(rt: Runtime, query: Mapping[str, Any]) -> dict[str, Any]:
     data_class = query.get("data_class")
     if data_class is not None and not isinstance(data_class, str):
         raise InvalidRequest("'data_class' must be a string", param="data_class")
+    api = query.get("api")
+    if api is not None and api not in BODY_APIS:
+        raise InvalidRequest("'api' must be 'openai' or 'anthropic'", param="api")
     left = await read_balance(rt, rt.tenants[tenant_id])
     return explain(rt.loaded, tenant_id, model, body, data_class, live_catalog=rt.catalog,
-                   health=rt.health.states, policies=rt.policies, latency=rt.latency.snapshots(), budget_left=left)
+                   health=rt.health.states, policies=rt.policies, latency=rt.latency.snapshots(), budget_left=left,
+                   api=api)
+
+
+def read_body_file(path: str) -> dict[str, Any]:
+    """`gateway explain --body FILE`: the JSON object in FILE, or InvalidRequest saying why not."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidRequest(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+    return load_json_object(raw)
 
 
 def explain_offline(loaded: LoadedConfig, tenant_id: str, model: str, body: dict[str, Any] | None,
-                    data_class: str | None = None) -> dict[str, Any]:
+                    data_class: str | None = None, api: str | None = None) -> dict[str, Any]:
     """`gateway explain`: live-like inputs read from the gateway's state, when there is some:
     the tenant's remaining budget from the serving ledger, and per-model latency from the
     audit records of the last latency window (what a running gateway would have observed)."""
     tenant = loaded.tenants.get(tenant_id)
     db = loaded.sqlite_path
     if tenant is None or (db is not None and not db.exists()):  # nothing served yet: no state to read
-        return explain(loaded, tenant_id, model, body, data_class)
+        return explain(loaded, tenant_id, model, body, data_class, api=api)
     now = datetime.now(UTC)
     latency: dict[str, LatencySnapshot] = {}
     if db is not None:
         since = now - timedelta(seconds=DEFAULT_WINDOW_S)
         latency = observed_latency(read_audit(db, since=since, kind="request", limit=-1))
     return explain(loaded, tenant_id, model, body, data_class, latency=latency,
-                   budget_left=asyncio.run(_budget_left(loaded, tenant, now)))
+                   budget_left=asyncio.run(_budget_left(loaded, tenant, now)), api=api)
 
 
 async def _budget_left(loaded: LoadedConfig, tenant: TenantConfig, now: datetime) -> BudgetLeft:
@@ -162,12 +183,44 @@ async def _budget_left(loaded: LoadedConfig, tenant: TenantConfig, now: datetime
         return None, None
 
 
+# Only the Anthropic Messages format has these: a top-level system prompt, stop_sequences,
+# tools with an input_schema, tool_choice "any"/"tool", and these content block types.
+_ANTHROPIC_KEYS = ("system", "stop_sequences", "top_k", "thinking")
+_ANTHROPIC_BLOCKS = frozenset({"tool_use", "tool_result", "image", "document", "thinking", "redacted_thinking"})
+
+
+def body_api(body: Mapping[str, Any]) -> str:
+    """`anthropic` when the body has a shape only the Messages API has, else `openai`."""
+    if any(key in body for key in _ANTHROPIC_KEYS):
+        return "anthropic"
+    tools = body.get("tools")
+    if isinstance(tools, list) and any(isinstance(t, dict) and "input_schema" in t for t in tools):
+        return "anthropic"
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") in ("any", "tool", "auto", "none") and "function" not in choice:
+        return "anthropic"
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(isinstance(b, dict) and b.get("type") in _ANTHROPIC_BLOCKS
+                                             for b in content):
+            return "anthropic"
+    return "openai"
+
+
 def _facts(tenant: TenantConfig, model: str, body: dict[str, Any], risk: DataClassVerdict,
-           budget_left: BudgetLeft) -> Facts:
+           budget_left: BudgetLeft, api: str = "openai") -> Facts:
     max_out: int | None
-    if "messages" not in body and "input" in body:  # an embeddings request
+    if api == "anthropic":  # checked and counted by the Messages edge, as a live request would be
+        parsed = parse_count_tokens(orjson.dumps({**body, "model": body.get("model") or model}))
+        counted, needs = parsed.input_tokens, parsed.capabilities
+        raw = body.get("max_tokens")
+        max_out = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else None
+    elif "messages" not in body and "input" in body:  # an embeddings request
         counted, max_out, needs = tokens.estimate_embedding_input(body), 0, frozenset({"embeddings"})
     else:
+        if not isinstance(body.get("messages", []), list):
+            raise InvalidRequest("'messages' must be a non-empty array", param="messages")
         counted = tokens.estimate_chat_input(body)
         raw = body.get("max_completion_tokens") or body.get("max_tokens")
         max_out = raw if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0 else None

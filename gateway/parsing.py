@@ -14,6 +14,12 @@ from starlette.requests import Request
 from gateway import tokens
 from gateway.errors import InvalidRequest, RequestTooLarge
 
+#: The largest output cap a request may ask for: far above any model's, and small enough that
+#: a worst case (times MAX_CHOICES) stays exact in every store's integer counters.
+MAX_OUTPUT_TOKENS = 2**31
+#: The most choices (OpenAI `n`) one request may ask for; each multiplies the output.
+MAX_CHOICES = 128
+
 
 @dataclass
 class ParsedRequest:
@@ -28,6 +34,7 @@ class ParsedRequest:
     input_tokens: int  # offline count
     input_tokens_bound: int  # upper bound used for reservations
     anthropic_beta: str | None = None  # the client's anthropic-beta header, forwarded to Anthropic providers
+    choices: int = 1  # OpenAI `n`: the worst-case output is choices x the output cap
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -63,13 +70,27 @@ def _require_model(body: dict[str, Any]) -> str:
     return model
 
 
-def _optional_int(body: dict[str, Any], key: str) -> int | None:
+def _optional_int(body: dict[str, Any], key: str, most: int = MAX_OUTPUT_TOKENS) -> int | None:
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidRequest(f"'{key}' must be a positive integer", param=key)
+    return bounded_int(value, key, most)
+
+
+def bounded_int(value: Any, key: str, most: int = MAX_OUTPUT_TOKENS) -> int:
+    """``value`` if it is an integer in 1..most, else a 400 naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidRequest(f"'{key}' must be an integer from 1 to {most}", param=key)
     return value
+
+
+def _max_output(body: dict[str, Any]) -> int | None:
+    """The output cap to reserve for: the larger of the two fields when both are given (an
+    openai_compatible server may honour either)."""
+    newer, older = _optional_int(body, "max_completion_tokens"), _optional_int(body, "max_tokens")
+    if newer is None or older is None:
+        return newer if older is None else older
+    return max(newer, older)
 
 
 def parse_chat(raw: bytes) -> ParsedRequest:
@@ -90,7 +111,8 @@ def parse_chat(raw: bytes) -> ParsedRequest:
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequest("'tools' must be an array", param="tools")
-    max_out = _optional_int(body, "max_completion_tokens") or _optional_int(body, "max_tokens")
+    max_out = _max_output(body)
+    choices = _optional_int(body, "n", MAX_CHOICES) or 1
     counted = tokens.estimate_chat_input(body)
     return ParsedRequest(
         api="openai",
@@ -103,6 +125,7 @@ def parse_chat(raw: bytes) -> ParsedRequest:
         capabilities=_chat_capabilities(body),
         input_tokens=counted,
         input_tokens_bound=tokens.upper_bound(counted),
+        choices=choices,
     )
 
 

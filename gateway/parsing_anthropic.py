@@ -11,7 +11,7 @@ import orjson
 
 from gateway import tokens
 from gateway.errors import InvalidRequest
-from gateway.parsing import ParsedRequest, load_json_object
+from gateway.parsing import ParsedRequest, bounded_int, load_json_object
 
 _ROLES = ("user", "assistant")
 
@@ -23,8 +23,7 @@ def parse_messages(raw: bytes, beta: str | None = None) -> ParsedRequest:
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         raise InvalidRequest("max_tokens: Field required", param="max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise InvalidRequest("'max_tokens' must be a positive integer", param="max_tokens")
+    max_tokens = bounded_int(max_tokens, "max_tokens")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be a boolean", param="stream")

@@ -38,7 +38,7 @@ from gateway.streaming import AnyResponse, DisconnectWatch
 from gateway.telemetry import mark, stage_start
 from routing_policies import Decision, Facts, choose
 
-__all__ = ["Exchange", "authenticate", "handle", "presented_key", "request_id"]
+__all__ = ["Exchange", "authenticate", "client_request_id", "handle", "presented_key", "request_id"]
 
 Parser = Callable[[bytes], ParsedRequest]
 
@@ -50,7 +50,9 @@ async def handle(
 
     `api` is the caller's format (the route's), used for errors raised before the body is parsed.
     """
-    ex = Exchange.begin(request_id(rt, request), endpoint)
+    # The ledger key is always the gateway's own id: a client reusing one x-request-id must not
+    # make its requests' rows collide (and be dropped as replays). The client's id is echoed.
+    ex = Exchange.begin(rt.new_request_id(), endpoint, client_request_id(request))
     rt.telemetry.begin(ex, request.headers)
     rt.enter()
     try:
@@ -80,10 +82,11 @@ async def handle(
         await reserve(rt, tenant, parsed, targets, ex)
         mark(ex, "budget.reserve", t0)
         ex.mark_upstream_start()
-        result = await dispatch(
+        # Non-streamed: a client leaving after the upstream call has run a while cancels it (gateway/streaming.py).
+        result = await rt.slow_calls.during(ex, request.receive, dispatch(
             rt.client, targets, parsed, max_attempts=decision_max_attempts(rt, decision), sleep=rt.sleep,
             attempts=ex.attempts, breakers=rt.breakers, timeouts=decision.timeouts, stats=rt.dispatch_stats,
-        )
+        ))
     except (GatewayError, StoreUnavailable) as caught:
         if ex.watch is not None:
             ex.watch.stop()
@@ -107,6 +110,9 @@ async def handle(
         return relay_response(rt, ex, result.answer, result.tap, result.preamble)
     try:
         return await render_json(rt, ex, result.answer)
+    except BaseException:  # never an unsettled reservation, an unaudited request or a held slot
+        await finish_exchange(rt, ex, error=None, crashed=True)
+        raise
     finally:
         if ex.watch is not None:
             ex.watch.stop()
@@ -138,7 +144,7 @@ async def rate_limit(rt: Runtime, tenant: TenantRuntime, key: KeyRecord, parsed:
     limits = tenant.rate_limits
     if limits.requests_per_minute is None and limits.tokens_per_minute is None:
         return
-    admitted = parsed.input_tokens_bound + (parsed.max_output_tokens or 0)
+    admitted = parsed.input_tokens_bound + (parsed.max_output_tokens or 0) * parsed.choices
     state = await rt.limiter.hit(f"tenant:{tenant.config.id}", limits, admitted)
     ex.rate_headers = state.headers()
     ex.admitted_tokens, ex.tokens_window_end = admitted, state.tokens_window_end
@@ -173,6 +179,7 @@ def decide(rt: Runtime, tenant: TenantRuntime, key: KeyRecord, parsed: ParsedReq
     facts = Facts(
         tenant=tenant.config.id,
         requested_model=parsed.model,
+        requested_is_alias=parsed.model not in rt.catalog,  # saves choose() a copy of the facts
         data_class=risk.data_class,
         input_tokens=parsed.input_tokens_bound,
         max_output_tokens=parsed.max_output_tokens,
@@ -213,6 +220,7 @@ async def reserve(rt: Runtime, tenant: TenantRuntime, parsed: ParsedRequest, tar
     worst_tokens, worst_usd = 0, Decimal(0)
     for target in targets:
         out = parsed.max_output_tokens if parsed.max_output_tokens is not None else target.model.max_output_tokens
+        out *= parsed.choices  # OpenAI `n`: every choice may use the whole output cap
         worst_tokens = max(worst_tokens, parsed.input_tokens_bound + out)
         worst_usd = max(worst_usd, cost(rt.prices[target.model.name], parsed.input_tokens_bound, out))
     ref = RequestRef(ex.request_id, ex.key_id, targets[0].model.name, targets[0].endpoint.provider)
@@ -232,9 +240,15 @@ def decision_max_attempts(rt: Runtime, decision: Decision) -> int:
 
 
 def request_id(rt: Runtime, request: Request) -> str:
-    """The client's x-request-id when it is sane, else a new unique one."""
+    """The id to echo in x-request-id: the client's when it is sane, else a new unique one.
+    Never a ledger key: `handle` books under a gateway-made id."""
+    return client_request_id(request) or rt.new_request_id()
+
+
+def client_request_id(request: Request) -> str | None:
+    """The client's x-request-id when it is sane (printable ASCII, at most 128 characters)."""
     given = request.headers.get("x-request-id")
     if given and len(given) <= 128 and given.isascii() and given.isprintable():
         return given
-    return rt.new_request_id()
+    return None
 

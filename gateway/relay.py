@@ -6,6 +6,7 @@ whatever happened (success, error, client disconnect, shutdown).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -62,10 +63,12 @@ class Exchange:
     stages: list[tuple[str, int, int]] = field(default_factory=list)  # (stage, start_ns, end_ns), traced only
     slot: bool = False  # holds a capacity slot (gateway/shedding.py) until finished
     watch: DisconnectWatch | None = None  # streams: cancels the request when the client leaves
+    # The client's x-request-id: echoed and audited, never a ledger key (`request_id` is the gateway's own).
+    client_request_id: str | None = None
 
     @classmethod
-    def begin(cls, request_id: str, endpoint: str) -> Exchange:
-        return cls(request_id, endpoint, time.perf_counter(), datetime.now(UTC))
+    def begin(cls, request_id: str, endpoint: str, client_request_id: str | None = None) -> Exchange:
+        return cls(request_id, endpoint, time.perf_counter(), datetime.now(UTC), client_request_id=client_request_id)
 
     def note_request(self, parsed: ParsedRequest) -> None:
         self.parsed = parsed
@@ -83,7 +86,8 @@ class Exchange:
         return (time.perf_counter() - self.started) * 1000
 
     def response_headers(self) -> dict[str, str]:
-        headers = {"x-request-id": self.request_id, **self.rate_headers}
+        headers = {"x-request-id": self.client_request_id or self.request_id,
+                   "x-gateway-request-id": self.request_id, **self.rate_headers}
         if self.decision is not None:
             headers["x-gateway-route"] = self.decision.route_label()
         if self.target is not None:
@@ -119,7 +123,7 @@ def relay_response(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: Strea
     headers = ex.response_headers()
     headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
     return RelayResponse(_relay(rt, ex, stream, tap, preamble), status_code=stream.status, headers=headers,
-                         watch=ex.watch)
+                         watch=ex.watch, on_unstarted=functools.partial(_abandoned, rt, ex, stream, tap))
 
 
 async def _relay(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamTap,
@@ -157,7 +161,7 @@ async def _relay(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamT
         else:
             _stream_failed(rt, ex, "error event" if tap.error_seen else "ended early")
             if not (tap.error_seen and getattr(tap, "renders_errors", False)):
-                yield translation.stream_error(api)
+                yield translation.stream_error(api, getattr(tap, "error_kind", "api_error"))
     except UpstreamError as exc:
         if exc.detail == ABORTED:
             outcome = "drain_deadline"
@@ -176,6 +180,16 @@ async def _relay(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamT
         await finish_exchange(rt, ex, error=None, usage=usage, status=stream.status, outcome=outcome,
                               completion=completion)
         rt.leave()
+
+
+async def _abandoned(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamTap) -> None:
+    """The client was gone before its stream began, so `_relay` (and its finally) never ran: end it here."""
+    if ex.finished:
+        return
+    await stream.aclose()
+    usage = tap.usage or _counted_usage(ex, "".join(tap.text_parts))  # the preamble was read from the upstream
+    await finish_exchange(rt, ex, error=None, usage=usage, status=499, outcome="client_disconnected")
+    rt.leave()
 
 
 def _stream_failed(rt: Runtime, ex: Exchange, why: str) -> None:
@@ -290,6 +304,7 @@ def _audit_record(ex: Exchange, usage: Usage, spent: Decimal, status: int, outco
     parsed = ex.parsed
     return AuditRecord(
         request_id=ex.request_id,
+        client_request_id=ex.client_request_id,
         ts=ex.ts.isoformat(),
         tenant=ex.tenant,
         key_id=ex.key_id,

@@ -5,6 +5,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -113,8 +114,11 @@ def audit_command(loaded: LoadedConfig, *, fmt: str, tenant: str | None, since: 
     return 0
 
 
-def audit_verify_command(loaded: LoadedConfig) -> int:
-    results = audit_store.verify_all(loaded.database, loaded.audit_jsonl_path)  # type: ignore[arg-type]
+def audit_verify_command(loaded: LoadedConfig, copies: Sequence[str] = ()) -> int:
+    """The database's chain (every segment), this config's JSON-lines copy and any other
+    replica's copy named in `copies` (each its own segment)."""
+    paths = [loaded.audit_jsonl_path, *(Path(c) for c in copies)]
+    results = audit_store.verify_all(loaded.database, paths)
     for result in results:
         print(result.describe(), file=sys.stdout if result.ok else sys.stderr)
     broken = [r for r in results if not r.ok]

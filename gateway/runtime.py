@@ -35,6 +35,7 @@ from gateway.reload import PolicyReloader
 from gateway.settings import Settings
 from gateway.shadow import ShadowMirror
 from gateway.shedding import LoadCollector, Shedder
+from gateway.streaming import SlowCallWatch
 from gateway.telemetry import Telemetry
 from routing_policies import Candidate, CompiledPolicy
 
@@ -160,6 +161,7 @@ class Runtime:
                                registry=registry)
         registry.register(LoadCollector(self.shedder, lambda: self.client.open_connections))
         self.dispatch_stats = DispatchStats(registry)
+        self.slow_calls = SlowCallWatch()  # non-streamed requests: client disconnects cancel long upstream calls
         self.open_streams: dict[int, UpstreamStream] = {}
         self._drain_timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -229,6 +231,7 @@ class Runtime:
         self.breakers.close()
         await self.reloader.close()
         await self.shadow.close()
+        await self.slow_calls.close()
         await self.latency.close()
         await self.health.close()
         await self.client.close()

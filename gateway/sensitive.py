@@ -5,9 +5,11 @@ replaces each with a typed placeholder that keeps the original length and a shor
 (`[EMAIL len=17 h=3f2a9c1b]`) so two records can be compared without storing the value.
 
 Speed matters (this runs on request bodies): every detector is a precompiled regex, and a
-single cheap pre-check regex tells clean text apart before any of them run.  Checksummed
-kinds (CARD via Luhn, IBAN via mod-97) drop candidates that fail the check, which keeps
-order numbers and timestamps from being reported as cards.
+single cheap pre-check regex tells clean text apart before any of them run.  Checked
+kinds drop candidates that fail their rule, which keeps order numbers and timestamps from
+being reported: CARD (Luhn), IBAN (mod-97), US_SSN (no area 000/666/9xx, group 00, serial
+0000), UK_NINO (HMRC prefix letters and suffix A-D) and URL_PASSWORD (placeholders such as
+`***`, `<password>` or `${DB_PASSWORD}` are not secrets).
 """
 
 from __future__ import annotations
@@ -58,6 +60,34 @@ def _phone_ok(candidate: str) -> bool:
     return 9 <= digits <= 15
 
 
+# Template and masked values in connection strings are not secrets: `user:***@`, `user:xxxx@`,
+# `user:<password>@`, `user:${DB_PASSWORD}@`, `user:{{ pass }}@`, `user:$DB_PASS@`, `user:%s@`,
+# and the documentation placeholders `user:password@` / `user:pass@`.
+_URL_PASSWORD_TEMPLATE = re.compile(
+    r"[*xX.]+|<[^>]*>|\$\{[^}]*\}|\{\{?[^}]*\}\}?|\$[A-Z_][A-Z0-9_]*|%s"
+    r"|(?i:(?:your[_-]?|my[_-]?)?(?:password|passwd|pass|pwd|secret))")
+
+
+def _url_password_ok(candidate: str) -> bool:
+    return _URL_PASSWORD_TEMPLATE.fullmatch(candidate) is None
+
+
+def _ssn_ok(candidate: str) -> bool:
+    """US SSN rules: area not 000, 666 or 9xx; group not 00; serial not 0000."""
+    area, group, serial = candidate.split("-")
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+# UK National Insurance number: two prefix letters, six digits, suffix A-D. HMRC never uses
+# D, F, I, U or V in the prefix, nor O as its second letter, nor the prefixes below. Q is
+# accepted (HMRC's documented specimen is QQ 12 34 56 C: a prompt quoting one stays local).
+_NINO_BAD_PREFIXES = frozenset({"BG", "GB", "KN", "NK", "NT", "TN", "ZZ"})
+
+
+def _nino_ok(candidate: str) -> bool:
+    return candidate[:2] not in _NINO_BAD_PREFIXES
+
+
 _Check = Callable[[str], bool]
 
 
@@ -98,18 +128,28 @@ _DETECTORS: tuple[_Detector, ...] = (
         r"(?i)(?:api[_-]?key|secret|token|passw(?:or)?d|pwd|auth)[\"']?\s*[:=]\s*[\"']?"
         r"(?P<value>[^\s\"',;]{8,})"
     ), triggers=_SECRET_WORDS, lowered=True),
+    # scheme://user:password@host (postgres://, redis://, https://, amqp:// ...): the password is
+    # the finding. Before EMAIL, which would otherwise take `password@host.example`.
+    # Anchored on the literal `://` (a fast substring search; a leading scheme class is ~25x slower).
+    _Detector("URL_PASSWORD", re.compile(
+        r"://[^\s:/?#@\[\]]*:(?P<value>[^\s/?#@\[\]]+)@(?=[^\s/?#@]*[A-Za-z0-9])"
+    ), _url_password_ok, triggers=("://",)),
     _Detector("EMAIL", re.compile(
         r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), triggers=("@",)),
 )
 
 # Number-shaped kinds.  Scanning every character with these is the expensive part, so one
 # cheap ASCII scan finds runs of digits and separators first, and the exact patterns only
-# run in and around runs holding at least 9 digits (the fewest any phone/card/IBAN has).
-_NUMBER_RUN = re.compile(r"[0-9+(][0-9 .()+-]{7,}")
+# run in and around runs holding exactly 6 digits (a UK NINO's) or at least 9 (the fewest
+# any phone/card/IBAN/SSN has).
+_NUMBER_RUN = re.compile(r"[0-9+(][0-9 .()+-]{5,}")
 _NOT_DIGITS = str.maketrans("", "", " .()+-")
 _DIGIT_GROUP = re.compile(r"[0-9]+")
 _IBAN = _Detector("IBAN", re.compile(
     r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban_ok)
+_NINO = _Detector("UK_NINO", re.compile(
+    r"(?<![A-Za-z0-9])[A-CEGHJ-TW-Z][A-CEGHJ-NP-TW-Z](?: ?[0-9]{2}){3} ?[A-D](?![A-Za-z0-9])"), _nino_ok)
+_SSN = _Detector("US_SSN", re.compile(r"(?<![\w-])[0-9]{3}-[0-9]{2}-[0-9]{4}(?![\w-])"), _ssn_ok)
 _PHONE = _Detector("PHONE", re.compile(
     r"(?<![\w+.,])(?:"
     r"\+[0-9]{1,3}(?:[ .-]?\(?[0-9]{1,5}\)?){1,5}"           # +44 20 7946 0958, +1 (415) 555-0132
@@ -147,7 +187,7 @@ def _scan_cards(collector: _Collector, start: int, end: int) -> None:
             i += 1
 
 
-KINDS: frozenset[str] = frozenset({d.kind for d in _DETECTORS} | {"IBAN", "CARD", "PHONE"})
+KINDS: frozenset[str] = frozenset({d.kind for d in _DETECTORS} | {"IBAN", "CARD", "US_SSN", "UK_NINO", "PHONE"})
 
 
 class _Collector:
@@ -191,10 +231,14 @@ def find_sensitive(text: str) -> list[Finding]:
         if _triggered(det, text, lowered):
             collector.scan(det)
     for run in _NUMBER_RUN.finditer(text):
-        if len(run.group().translate(_NOT_DIGITS)) < 9:
-            continue
+        digits = len(run.group().translate(_NOT_DIGITS))
         start, end = run.span()
+        if digits == 6:  # the prefix letters (and a space) precede the run, the suffix follows it
+            collector.scan(_NINO, max(0, start - 4), min(len(text), end + 2))
+        if digits < 9:
+            continue
         collector.scan(_IBAN, max(0, start - 12), min(len(text), end + 24))
+        collector.scan(_SSN, start, end)  # before PHONE: 012-34-5678 is an SSN's shape, not a phone's
         _scan_cards(collector, start, end)
         collector.scan(_PHONE, start, end)
     found = collector.found

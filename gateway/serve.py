@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import signal
 import sys
 from types import FrameType
 
@@ -15,31 +17,55 @@ from gateway.runtime import Runtime
 from gateway.settings import Settings
 
 _CONFIG_ENV = "GATEWAY_CONFIG_FILE"
+log = logging.getLogger("gateway")
 
 
-class _DrainingServer(uvicorn.Server):
-    """SIGTERM/SIGINT: /readyz turns 503 at once and the grace deadline starts (streams still open
-    then end with in-band errors, gateway/runtime.py); after `drain_readiness_delay_s` uvicorn
-    stops accepting and waits for in-flight requests. uvicorn re-raises the signal after its
-    shutdown; a completed drain should exit 0."""
+class _DrainFirst:
+    """SIGTERM/SIGINT for one serving process: /readyz turns 503 at once and the grace deadline
+    starts (streams still open then end with in-band errors, gateway/runtime.py); after
+    `drain_readiness_delay_s` uvicorn stops accepting and waits for in-flight requests. uvicorn
+    re-raises the signal after its shutdown; a completed drain exits 0 instead."""
 
-    def __init__(self, config: uvicorn.Config, rt: Runtime) -> None:
-        super().__init__(config)
-        self.rt = rt
+    def __init__(self, rt: Runtime, server: uvicorn.Server) -> None:
+        self.rt, self.server = rt, server
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+    def __call__(self, sig: int, frame: FrameType | None) -> None:
         delay = self.rt.settings.drain_readiness_delay_s
         first = not self.rt.draining
         self.rt.begin_drain()
         if first and delay > 0 and self.rt.loop is not None:
-            self.rt.loop.call_soon_threadsafe(self.rt.loop.call_later, delay, self._stop_accepting, sig)
+            self.rt.loop.call_soon_threadsafe(self.rt.loop.call_later, delay, self.stop_accepting, sig)
             return
-        super().handle_exit(sig, frame)
-        self._captured_signals.clear()
+        self.stop_accepting(sig)
 
-    def _stop_accepting(self, sig: int) -> None:
-        super().handle_exit(sig, None)
-        self._captured_signals.clear()
+    def stop_accepting(self, sig: int) -> None:
+        uvicorn.Server.handle_exit(self.server, sig, None)
+        self.server._captured_signals.clear()
+
+
+class _DrainingServer(uvicorn.Server):
+    """The single-process server: its signal handler drains first (`_DrainFirst`)."""
+
+    def __init__(self, config: uvicorn.Config, rt: Runtime) -> None:
+        super().__init__(config)
+        self.rt = rt
+        self._drain = _DrainFirst(rt, self)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._drain(sig, frame)
+
+
+def _drain_worker_on_signals(rt: Runtime) -> None:
+    """`--workers N`: each worker process is uvicorn's own Server, which installs its SIGTERM/SIGINT
+    handler before it loads the app (this factory); put the same drain first in front of it, so a
+    worker drains like the single-process server (the supervisor passes SIGTERM on to every worker)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        server = getattr(signal.getsignal(sig), "__self__", None)
+        if isinstance(server, uvicorn.Server):
+            signal.signal(sig, _DrainFirst(rt, server))
+        else:  # not under a uvicorn Server's signal capture (another runner, or another uvicorn version)
+            log.warning("worker drain: no uvicorn signal handler to wrap; SIGTERM stops at once",
+                        extra={"signal": signal.Signals(sig).name})
 
 
 def tune_gc() -> None:
@@ -61,6 +87,7 @@ def app_factory():  # type: ignore[no-untyped-def]
     rt = Runtime(load_config(os.environ[_CONFIG_ENV]), settings)
     rt.reloader.handle_sighup = True  # a SIGHUP to the process group reloads policies, never kills a worker
     app = create_app(rt)
+    _drain_worker_on_signals(rt)
     tune_gc()
     return app
 

@@ -38,6 +38,9 @@ log = logging.getLogger("gateway.shadow")
 __all__ = ["ShadowMirror"]
 
 DEFAULT_MAX_IN_FLIGHT = 32
+# Only generations are mirrored: a copy of a count_tokens (or embeddings) call would send a real,
+# billed generation to the shadow model for a request that generated nothing.
+MIRRORED_ENDPOINTS = frozenset({"chat.completions", "messages"})
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class ShadowMirror:
 
     def mirror(self, ex: Exchange) -> None:
         decision, parsed = ex.decision, ex.parsed
-        if decision is None or decision.shadow is None or parsed is None:
+        if decision is None or decision.shadow is None or parsed is None or ex.endpoint not in MIRRORED_ENDPOINTS:
             return
         if decision.shadow not in self._rt.models:
             return

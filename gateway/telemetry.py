@@ -2,7 +2,8 @@
 
 Tracing is on only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set;
 spans then go out by OTLP/HTTP in batches. When it is off, a request creates no span
-object at all: `begin` only remembers the caller's trace id for the logs.
+object at all: `begin` only remembers the caller's trace id (or mints one, 16 random
+bytes as W3C hex, when the caller sent no `traceparent`) for the logs and the audit record.
 
 One span per request (`chat {model}` or `embeddings {model}`, kind SERVER) continuing the
 caller's W3C `traceparent`, with a child span per stage: `gateway.ratelimit`,
@@ -94,10 +95,12 @@ class Telemetry:
         return cls(provider)
 
     def begin(self, ex: Exchange, headers: Mapping[str, str]) -> None:
-        """Open the request span (tracing on) or just note the caller's trace id (off)."""
+        """Open the request span (tracing on), or (off) note the caller's trace id, or a new
+        random W3C trace id when it sent none, so every log line and audit record of the
+        request carries one."""
         traceparent = headers.get("traceparent")
         if self._tracer is None:
-            ex.trace_id = trace_id_from_header(traceparent)
+            ex.trace_id = trace_id_from_header(traceparent) or os.urandom(16).hex()
             _current.set((ex.request_id, ex.trace_id))
             return
         from opentelemetry.trace import SpanKind, format_trace_id

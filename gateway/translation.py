@@ -17,6 +17,7 @@ import orjson
 from adapters import anthropic as anthropic_adapter
 from adapters import naming
 from adapters import openai as openai_adapter
+from adapters.anthropic import ERROR_TYPES as ANTHROPIC_ERROR_TYPES
 from adapters.base import Endpoint, UpstreamRequest, Usage
 from adapters.canonical import TranslationError
 from adapters.sse_anthropic import error_frame as anthropic_error_frame
@@ -44,6 +45,9 @@ from gateway.errors import InvalidRequest, UpstreamFailed
 from gateway.parsing import ParsedRequest
 
 CountedUsage = Callable[[str], Usage]
+# Fixed texts: a value from the body or the upstream's answer is never echoed.
+UNTRANSLATABLE = "the request has a field of the wrong type or shape for the chosen model's format"
+UNREADABLE_ANSWER = "the upstream answer could not be read"
 
 
 class TargetLike(Protocol):
@@ -78,6 +82,8 @@ def build_request(target: TargetLike, parsed: ParsedRequest) -> UpstreamRequest:
         return anthropic_adapter.build_messages_request(endpoint, body, model.upstream_model)
     except TranslationError as exc:
         raise InvalidRequest(str(exc)) from None
+    except (TypeError, ValueError, AttributeError, KeyError):  # a shape the translators did not foresee
+        raise InvalidRequest(UNTRANSLATABLE) from None
 
 
 def client_tool_names(parsed: ParsedRequest, target: TargetLike) -> dict[str, str]:
@@ -88,7 +94,7 @@ def client_tool_names(parsed: ParsedRequest, target: TargetLike) -> dict[str, st
     if parsed.api == "anthropic":
         names = [t.get("name") for t in tools if isinstance(t, dict)]
     else:
-        names = [(t.get("function") or {}).get("name") for t in tools if isinstance(t, dict)]
+        names = [fn.get("name") for t in tools if isinstance(t, dict) and isinstance(fn := t.get("function"), dict)]
     return naming.name_table([n for n in names if isinstance(n, str)], upstream_api(target))
 
 
@@ -104,25 +110,28 @@ def json_answer(parsed: ParsedRequest, target: TargetLike, body: bytes,
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
         if not same:
-            raise UpstreamFailed("the upstream answer could not be read") from None
+            raise UpstreamFailed(UNREADABLE_ANSWER) from None
     text_of = anthropic_adapter.message_text if upstream_api(target) == "anthropic" else openai_adapter.completion_text
 
     def produced() -> str:
-        return text_of(payload)
+        try:
+            return text_of(payload)
+        except (TypeError, ValueError, AttributeError, KeyError):  # a malformed answer: nothing to count
+            return ""
 
-    if same:
+    if same:  # forwarded as the upstream sent it, whatever its shape
         reported = (openai_adapter.usage_from_payload(payload) if parsed.api == "openai"
                     else anthropic_adapter.usage_from_message(payload))
         return body, reported or counted(produced()), produced
-    names = client_tool_names(parsed, target)
     try:
+        names = client_tool_names(parsed, target)
         resp = response_from_openai(payload) if parsed.api == "anthropic" else response_from_anthropic(payload)
-    except TranslationError:
-        raise UpstreamFailed("the upstream answer could not be read") from None
-    resp.usage = resp.usage or counted(produced())
-    rendered = (response_to_anthropic(resp, names=names) if parsed.api == "anthropic"
-                else response_to_openai(resp, names=names, created=int(time.time())))
-    return orjson.dumps(rendered), resp.usage, produced
+        resp.usage = resp.usage or counted(produced())
+        rendered = (response_to_anthropic(resp, names=names) if parsed.api == "anthropic"
+                    else response_to_openai(resp, names=names, created=int(time.time())))
+        return orjson.dumps(rendered), resp.usage, produced
+    except (TypeError, ValueError, AttributeError, KeyError):  # TranslationError is a ValueError
+        raise UpstreamFailed(UNREADABLE_ANSWER) from None
 
 
 def stream_tap(parsed: ParsedRequest, target: TargetLike) -> StreamTap:
@@ -140,9 +149,14 @@ def stream_tap(parsed: ParsedRequest, target: TargetLike) -> StreamTap:
                                input_estimate=parsed.input_tokens, count_text=tokens.count_text)
 
 
-def stream_error(api: str) -> bytes:
-    """The frame that tells a client, in its own format, that the stream failed mid-way."""
-    return anthropic_error_frame("api_error") if api == "anthropic" else openai_error_chunk("api_error")
+def stream_error(api: str, kind: str = "api_error") -> bytes:
+    """The frame that tells a client, in its own format, that the stream failed mid-way.
+
+    `kind` is an Anthropic error type from a whitelist (a pass-through tap's `error_kind`, e.g.
+    overloaded_error), so an Anthropic client sees what the upstream said, never its message."""
+    if api == "anthropic":
+        return anthropic_error_frame(kind if kind in ANTHROPIC_ERROR_TYPES else "api_error")
+    return openai_error_chunk("api_error")
 
 
 def anthropic_model_list(models: list[dict[str, Any]]) -> dict[str, Any]:

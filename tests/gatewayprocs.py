@@ -20,7 +20,8 @@ from tests.services import REDIS_URL, pg_schema, redis_prefix
 
 
 class GatewayProcess:
-    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, log_path: Path, env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -32,7 +33,7 @@ class GatewayProcess:
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(config_path), "--host", "127.0.0.1",
-             "--port", str(self.port)],
+             "--port", str(self.port), *(args or [])],
             cwd=ROOT, env=environment, stdout=self._log, stderr=self._log, start_new_session=True,
         )
         self._wait_ready()

@@ -1,6 +1,10 @@
 """A loopback TCP proxy that a test can cut and restore: a store outage without touching
 the shared PostgreSQL/Redis other tests use. Runs its own event loop in a thread, so it
-serves gateway processes and in-process clients alike."""
+serves gateway processes and in-process clients alike.
+
+``cut()`` refuses and resets connections (the store is down); ``stall()`` keeps every
+connection open but relays nothing, in either direction (the store hangs: it accepts
+connections and never answers). ``restore()`` ends either."""
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +24,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.resets = 0
+        self.stalled = False  # read by the relay loops: while set, bytes are swallowed, never sent on
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self.restore()
@@ -28,7 +33,9 @@ class TcpProxy:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
     def restore(self) -> None:
-        """Accept connections again."""
+        """Accept connections again, and relay again after a stall."""
+        self.stalled = False
+
         async def start() -> None:
             if self._server is None:
                 self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -45,7 +52,23 @@ class TcpProxy:
             self._writers.clear()
         self._run(stop())
 
+    def stall(self) -> None:
+        """Blackhole: connections (open and new) stay up, but nothing reaches the other side.
+        A connection that lost bytes this way is garbage afterwards; clients must drop it."""
+        self.stalled = True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stalled:  # accepted, never relayed: the handshake never completes
+            self._writers.add(writer)
+            try:
+                while await reader.read(65536):
+                    continue
+            except (ConnectionError, OSError):
+                self.resets += 1
+            finally:
+                writer.transport.abort()
+                self._writers.discard(writer)
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
@@ -56,6 +79,8 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    if self.stalled:
+                        continue  # swallowed: the other side waits for an answer that never comes
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):

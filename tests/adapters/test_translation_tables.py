@@ -16,6 +16,7 @@ from adapters.translate_anthropic import (
     STOP_TO_ANTHROPIC,
     request_from_anthropic,
     request_to_anthropic,
+    response_from_anthropic,
     usage_to_anthropic,
 )
 from adapters.translate_openai import (
@@ -23,6 +24,7 @@ from adapters.translate_openai import (
     FINISH_TO_OPENAI,
     request_from_openai,
     request_to_openai,
+    response_from_openai,
     usage_to_openai,
 )
 
@@ -274,6 +276,74 @@ def test_openai_requests_anthropic_cannot_express(body: dict[str, Any], message:
 def test_anthropic_requests_openai_cannot_express(body: dict[str, Any], message: str) -> None:
     with pytest.raises(TranslationError, match=message):
         to_openai(body)
+
+
+HI = {"role": "user", "content": "x"}
+FN = {"type": "function", "function": {"name": "f"}}
+
+
+@pytest.mark.parametrize("body", [
+    oa(HI, temperature="hot"), oa(HI, temperature=True), oa(HI, top_p=[1]),
+    oa(HI, stop=5), oa(HI, stop=["ok", 7]),
+    oa({"role": "user", "content": 5}), oa({"role": "system", "content": {"text": "x"}}, HI),
+    oa({"role": "tool", "tool_call_id": "c", "content": 5}),
+    oa({"role": "user", "content": [{"type": "text", "text": 5}]}),
+    oa(HI, {"role": "assistant", "content": None, "tool_calls": 5}),
+    oa(HI, {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": 5, "arguments": "{}"}}]}),
+    oa(HI, {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": 5}}]}),
+    oa(HI, tools=[{"type": "function", "function": {"name": "f", "description": 5}}]),
+    oa(HI, tools=[FN], tool_choice={"type": "function", "function": {"name": 5}}),
+], ids=lambda body: str({k: v for k, v in body.items() if k != "model"})[:70])
+def test_openai_bodies_of_the_wrong_shape_are_translation_errors(body: dict[str, Any]) -> None:
+    with pytest.raises(TranslationError):  # never a TypeError or AttributeError (a 500)
+        to_anthropic(body)
+
+
+TOOL = {"name": "f", "input_schema": {"type": "object"}}
+
+
+@pytest.mark.parametrize("body", [
+    an(HI, tools=[TOOL], tool_choice={"type": "tool", "name": 5}),
+    an(HI, tools=[TOOL], tool_choice={"type": "tool"}),
+    an(HI, tools=[{**TOOL, "description": ["x"]}]),
+    an(HI, temperature="hot"), an(HI, top_p={"p": 1}), an(HI, temperature=False),
+    an(HI, metadata={"user_id": 5}),
+    an({"role": "user", "content": [{"type": "text", "text": ["x"]}]}),
+    an({"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                 "data": 5}}]}),
+    an({"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": 5, "data": "x"}}]}),
+    an({"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": None}}]}),
+    an({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": 5}]}),
+    an({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [5]}]}),
+], ids=lambda body: str({k: v for k, v in body.items() if k not in ("model", "max_tokens")})[:70])
+def test_anthropic_bodies_of_the_wrong_shape_are_translation_errors(body: dict[str, Any]) -> None:
+    with pytest.raises(TranslationError):
+        to_openai(body)
+
+
+def test_number_and_object_forms_that_are_valid_still_translate() -> None:
+    body = to_anthropic(oa(HI, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}, temperature=0, top_p=1))
+    assert body["temperature"] == 0 and body["top_p"] == 1
+    assert body["messages"][1]["content"][0]["input"] == {"a": 1}  # object arguments are accepted as sent
+    assert to_openai(an(HI, temperature=0.2, metadata={"user_id": "u"}))["user"] == "u"
+
+
+@pytest.mark.parametrize("payload", [
+    {"type": "message", "content": 5}, {"type": "message", "content": "text"}, [1], "message", None,
+])
+def test_malformed_anthropic_answers_are_translation_errors(payload: Any) -> None:
+    with pytest.raises(TranslationError):
+        response_from_anthropic(payload)
+
+
+@pytest.mark.parametrize("payload", [
+    {"choices": [{"message": {"content": "hi", "tool_calls": 5}}]}, {"choices": [{"message": 5}]},
+    {"choices": 5}, {"choices": []}, {"choices": [7]}, [1],
+])
+def test_malformed_openai_answers_are_translation_errors(payload: Any) -> None:
+    with pytest.raises(TranslationError):
+        response_from_openai(payload)
 
 
 # ------------------------------------------------------------------ usage normalisation

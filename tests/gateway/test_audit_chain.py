@@ -104,7 +104,8 @@ def test_verify_names_first_broken_record(seeded: RunningGateway, tmp_path: Path
     elif tamper == "delete":
         conn.execute("DELETE FROM audit_records WHERE seq = 4")
     elif tamper == "insert":  # a forged record, correctly sealed, slipped in as seq 4; the rest renumbered
-        forged = AuditRecord(request_id="req_forged", ts=datetime.now(UTC).isoformat(), tenant="team")
+        forged = AuditRecord(request_id="req_forged", ts=datetime.now(UTC).isoformat(), tenant="team",
+                             segment=orjson.loads(lines[2])["segment"])  # in the segment it pretends to belong to
         prev = conn.execute("SELECT json_extract(record, '$.hash') FROM audit_records WHERE seq = 3").fetchone()[0]
         line, _ = audit_chain.seal(forged, 4, prev)
         rows = conn.execute("SELECT seq, record FROM audit_records WHERE seq >= 4 ORDER BY seq DESC").fetchall()
@@ -120,7 +121,8 @@ def test_verify_names_first_broken_record(seeded: RunningGateway, tmp_path: Path
     elif tamper == "delete_jsonl":
         del lines[3]
     elif tamper == "insert_jsonl":
-        forged = AuditRecord(request_id="req_forged", ts=datetime.now(UTC).isoformat(), tenant="team")
+        forged = AuditRecord(request_id="req_forged", ts=datetime.now(UTC).isoformat(), tenant="team",
+                             segment=orjson.loads(lines[1])["segment"])
         line, _ = audit_chain.seal(forged, 3, orjson.loads(lines[1])["hash"])
         lines.insert(2, line)  # a valid seq 3 before the real seq 3: the real one no longer links
         broken = 3
@@ -213,6 +215,12 @@ def test_admin_actions_are_audit_records(start_gateway: Callable[..., RunningGat
     assert by_action["key.created"][0]["tenant"] == "team"
     assert by_action["key.created"][1]["endpoint"] == "cli"
     assert by_action["key.revoked"][0]["details"]["key_id"] == created["id"]
+    cli_key_id = by_action["key.created"][1]["details"]["key_id"]
+    assert main(["keys", "revoke", "--config", str(gw.config_path), cli_key_id]) == 0
+    assert capsys.readouterr().out.strip() == f"revoked {cli_key_id}"
+    revoked = [r for r in actions() if r["action"] == "key.revoked"]
+    assert [(r["endpoint"], r["details"]["key_id"]) for r in revoked] == [("admin-api", created["id"]),
+                                                                         ("cli", cli_key_id)]
     reloaded = by_action["policy.reloaded"][0]["details"]
     assert reloaded["sha256"] == hashlib.sha256(policy_file.read_bytes()).hexdigest()
     assert reloaded["previous_sha256"] == startup["policy.loaded"]["details"]["sha256"]

@@ -2,6 +2,7 @@
 `audit.log_bodies: true` bodies are stored redacted and no value lands in any file or log line."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import logging
@@ -11,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
+import orjson
 import pytest
 
 from gateway.audit import read_audit, redact_body
 from gateway.logs import JsonFormatter
 from gateway.sensitive import KINDS, Finding, find_sensitive, redact
 from tests.gateway.test_e2e_openai import wait_for
-from tests.harness import TENANT_KEY, RunningGateway, UpstreamProcess
+from tests.gatewayprocs import GatewayProcess
+from tests.harness import TENANT_KEY, RunningGateway, UpstreamProcess, write_config
 
 PEM_BODY = "MIIEpAIBAAKCAQEA7bq98BtxsuX3rTQmRfKcGkZ0vWJ1xSg4Hn2cUu8Lq0yNfP3aTe5rD"
 CORPUS: list[tuple[str, str]] = [
@@ -100,36 +104,60 @@ def _values() -> list[bytes]:
     return out
 
 
+def _body_logging(config: dict[str, Any], upstream: UpstreamProcess) -> dict[str, Any]:
+    config["audit"] = {"log_bodies": True, "retention_days": 30}
+    config["providers"].append({"name": "anthro", "type": "anthropic", "base_url": upstream.url,
+                                "api_key_env": "TEST_UPSTREAM_KEY", "locality": "local", "timeout_s": 10})
+    config["models"].append({"name": "claude-local", "provider": "anthro", "upstream_model": "claude-mock",
+                             "input_usd_per_mtok": 3, "output_usd_per_mtok": 15, "max_output_tokens": 512,
+                             "data_boundary": "local", "capabilities": ["chat"]})
+    return config
+
+
 @pytest.fixture
 def body_logging_gateway(gw_config: dict[str, Any], start_gateway: Callable[..., RunningGateway],
                          upstream: UpstreamProcess) -> RunningGateway:
-    gw_config["audit"] = {"log_bodies": True, "retention_days": 30}
-    gw_config["providers"].append({"name": "anthro", "type": "anthropic", "base_url": upstream.url,
-                                   "api_key_env": "TEST_UPSTREAM_KEY", "locality": "local", "timeout_s": 10})
-    gw_config["models"].append({"name": "claude-local", "provider": "anthro", "upstream_model": "claude-mock",
-                                "input_usd_per_mtok": 3, "output_usd_per_mtok": 15, "max_output_tokens": 512,
-                                "data_boundary": "local", "capabilities": ["chat"]})
+    _body_logging(gw_config, upstream)
     return start_gateway()
 
 
-def test_corpus_through_both_sdks_never_lands_in_files_or_logs(
-    body_logging_gateway: RunningGateway, upstream: UpstreamProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.DEBUG)
-    gw, prompt = body_logging_gateway, _prompt()
-    oc = openai.OpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
-    ac = anthropic.Anthropic(base_url=gw.url, api_key=TENANT_KEY, max_retries=0)
+def _send_corpus(v1: str, base: str, upstream: UpstreamProcess) -> int:
+    """The corpus through both SDKs, streamed and not, echoed back by the model; then a stream the
+    upstream cuts (the gateway logs a warning for that request). Returns the requests sent."""
+    prompt = _prompt()
+    oc = openai.OpenAI(base_url=v1, api_key=TENANT_KEY, max_retries=0)
+    ac = anthropic.Anthropic(base_url=base, api_key=TENANT_KEY, max_retries=0)
     echo = {"text": "Noted: " + prompt}  # the model repeats everything back: completions are scanned too
-    upstream.script(echo, echo, echo, echo, echo)
+    upstream.script(echo, echo, echo, echo, echo, {**echo, "cut_after_chunks": 2})
     oc.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": prompt}])
     list(oc.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": prompt}], stream=True))
     ac.messages.create(model="mock-a", max_tokens=200, system=prompt, messages=[{"role": "user", "content": prompt}])
     with ac.messages.stream(model="claude-local", max_tokens=200, messages=[{"role": "user", "content": prompt}]) as s:
         "".join(s.text_stream)
     ac.messages.create(model="claude-local", max_tokens=200, messages=[{"role": "user", "content": prompt}])
-    records = wait_for(lambda: len(read_audit(gw.runtime.db_path)) == 5 and read_audit(gw.runtime.db_path))
+    with httpx.stream("POST", f"{v1}/chat/completions", timeout=10, headers={"authorization": f"Bearer {TENANT_KEY}"},
+                      json={"model": "mock-a", "stream": True, "messages": [{"role": "user", "content": prompt}]}) as r:
+        r.read()
+    return 6
+
+
+def _assert_nowhere(texts: dict[str, bytes]) -> None:
+    for value in _values():
+        for where, text in texts.items():
+            assert value not in text, f"{value[:12]!r} found in {where}"
+    for where, text in texts.items():
+        assert TENANT_KEY.encode() not in text, f"the tenant key found in {where}"
+
+
+def test_corpus_through_both_sdks_never_lands_in_files_or_logs(
+    body_logging_gateway: RunningGateway, upstream: UpstreamProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    gw = body_logging_gateway
+    sent = _send_corpus(gw.v1, gw.url, upstream)
+    records = wait_for(lambda: len(read_audit(gw.runtime.db_path)) == sent and read_audit(gw.runtime.db_path))
     assert {r["api"] for r in records} == {"openai", "anthropic"}
-    for record in records:
+    for record in records[:5]:
         assert record["status"] == 200 and record["request_body"] and record["response_text"].startswith("Noted: ")
         stored = str(record["request_body"]) + record["response_text"]
         for kind, value in CORPUS:
@@ -140,13 +168,33 @@ def test_corpus_through_both_sdks_never_lands_in_files_or_logs(
     # The gateway's log lines (the test's own SDK clients log their requests at DEBUG).
     clients = ("openai", "anthropic", "httpx", "httpcore")
     log_lines = [formatter.format(r) for r in caplog.records if not r.name.startswith(clients)]
-    assert any(r.name.startswith(("gateway", "budgets", "uvicorn")) for r in caplog.records) or log_lines == []
-    for value in _values():
-        for path in written:
-            assert value not in path.read_bytes(), f"{value[:12]!r} found in {path}"
-        for line in log_lines:
-            assert value.decode() not in line
-    assert TENANT_KEY.encode() not in b"".join(p.read_bytes() for p in written)
+    assert any(r.name == "gateway.request" and r.getMessage() == "upstream stream failed" for r in caplog.records)
+    _assert_nowhere({**{str(p): p.read_bytes() for p in written}, **{f"log line {i}": line.encode()
+                                                                   for i, line in enumerate(log_lines)}})
+
+
+def test_corpus_never_lands_in_a_serve_process_output_or_files(
+        gw_config: dict[str, Any], upstream: UpstreamProcess, tmp_path: Path) -> None:
+    """The same through a real `gateway serve` (DEBUG, JSON logs): its stdout/stderr and state files."""
+    home = tmp_path / "serve"
+    home.mkdir()
+    config = _body_logging(copy.deepcopy(gw_config), upstream)
+    config["state"] = {"database_url": f"sqlite:///{home / 'state.db'}"}
+    node = GatewayProcess(write_config(home, config), tmp_path / "serve.log",
+                          env={"GATEWAY_LOG_LEVEL": "DEBUG", "GATEWAY_LOG_JSON": "true"})
+    try:
+        sent = _send_corpus(node.v1, node.url, upstream)
+        wait_for(lambda: len(read_audit(home / "state.db")) == sent)
+    finally:
+        assert node.stop() == 0
+    output = node.log_path.read_bytes()
+    lines = [orjson.loads(line) for line in output.splitlines() if line.startswith(b"{")]
+    assert any(line["msg"].startswith("gateway listening") or line["logger"].startswith("gateway") for line in lines)
+    warned = [line for line in lines if line["msg"] == "upstream stream failed"]
+    assert len(warned) == 1 and warned[0]["request_id"].startswith("req")  # a log line of a corpus request
+    written = [p for p in home.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"state.db", "audit.jsonl"}
+    _assert_nowhere({"the serve process output": output, **{str(p): p.read_bytes() for p in written}})
 
 
 def test_bodies_are_not_stored_by_default(gateway: RunningGateway) -> None:

@@ -204,3 +204,29 @@ def test_quickstart_config_checks(capsys: pytest.CaptureFixture[str]) -> None:
         "sqlite:///.gateway/")
     code, out, _ = run_cli(capsys, "policy", "test", "--config", str(root / "deploy" / "quickstart.yaml"))
     assert code == 0, out
+
+
+@pytest.mark.parametrize(("state", "rate_limits", "warned"), [
+    ({"database_url": "postgresql://gw@127.0.0.1:5432/gw"}, {"requests_per_minute": 60}, True),
+    ({"database_url": "postgres://gw@127.0.0.1:5432/gw"}, {"tokens_per_minute": 1000}, True),
+    ({"database_url": "postgresql://gw@127.0.0.1:5432/gw", "redis_url": "redis://127.0.0.1:6379/0"},
+     {"requests_per_minute": 60}, False),
+    ({"database_url": "postgresql://gw@127.0.0.1:5432/gw"}, {}, False),
+    (None, {"requests_per_minute": 60}, False),  # SQLite: one node, in-memory limits as documented
+])
+def test_check_warns_that_limits_are_per_process_on_postgres_without_redis(
+        tmp_path: Path, gw_config: dict[str, Any], capsys: pytest.CaptureFixture[str],
+        state: dict[str, Any] | None, rate_limits: dict[str, int], warned: bool) -> None:
+    if state is not None:
+        gw_config["state"] = state
+    gw_config["tenants"][0]["rate_limits"] = rate_limits
+    path = write_config(tmp_path, gw_config)
+    code, out, _ = run_cli(capsys, "check", "--config", str(path))
+    assert code == 0  # a warning, not an error
+    warnings = [line for line in out.splitlines() if "rate limits" in line]
+    if warned:
+        assert warnings == [("warning: state.redis_url is not set: rate limits of tenant 'team' are counted per "
+                             "gateway process, so N replicas on this PostgreSQL admit up to N x the limit; set "
+                             "state.redis_url to share them")]
+    else:
+        assert warnings == []

@@ -1,6 +1,7 @@
 """The FinOps dashboard in a real headless Chromium: login, chart, numbers vs the ledger, CSV."""
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -11,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
+from gateway.audit import read_audit
 from gateway.cli import main
 from gateway.dashboard import new_session, valid_session
 from gateway.dashboard_view import usd
+from tests.gateway.test_e2e_openai import wait_for
 from tests.gateway.test_finops import ledger_rows, seeded  # noqa: F401 - `seeded` is a fixture
-from tests.harness import ADMIN_KEY, TENANT_KEY, RunningGateway
+from tests.harness import ADMIN_KEY, TENANT_KEY, RunningGateway, UpstreamProcess
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -75,12 +79,35 @@ def _wait_file(folder: Path, timeout: float = 15) -> Path:
     raise AssertionError("the CSV download did not finish")
 
 
+def _nearest_rank_p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[math.ceil(0.95 * len(ordered)) - 1]
+
+
+def _expected_request_stats(db: Path) -> tuple[float, dict[str, float]]:
+    """Error rate and p95 latency per served model, from the audit records themselves."""
+    records = read_audit(db, limit=100_000)
+    failed = [r for r in records if r["status"] >= 400 or r["outcome"] != "ok"]
+    latencies: dict[str, list[float]] = {}
+    for r in records:
+        if r not in failed:
+            latencies.setdefault(r["model_served"], []).append(r["latency_ms"])
+    return round(len(failed) / len(records), 4), {m: round(_nearest_rank_p95(v), 1) for m, v in latencies.items()}
+
+
 def test_dashboard_in_chromium(seeded: RunningGateway, browser: tuple[Any, Path],  # noqa: F811
-                               capsys: pytest.CaptureFixture[str]) -> None:
+                               upstream: UpstreamProcess, capsys: pytest.CaptureFixture[str]) -> None:
     from selenium.webdriver.common.by import By
 
     driver, downloads = browser
     gw = seeded
+    upstream.script({"status": 400})  # one failed request among the seeded ones
+    client = openai.OpenAI(base_url=gw.v1, api_key=TENANT_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="mock-a", messages=[{"role": "user", "content": "this one fails"}])
+    wait_for(lambda: any(r["status"] == 400 for r in read_audit(gw.runtime.db_path)))
+    error_rate, p95 = _expected_request_stats(gw.runtime.db_path)
+    assert 0 < error_rate < 1 and set(p95) == {"mock-a", "mock-b"}
     _login(driver, gw, TENANT_KEY)  # a tenant key never opens the dashboard
     assert "not the admin key" in driver.find_element(By.ID, "login-error").text
     _login(driver, gw, ADMIN_KEY)
@@ -111,8 +138,14 @@ def test_dashboard_in_chromium(seeded: RunningGateway, browser: tuple[Any, Path]
     burn = driver.find_element(By.CSS_SELECTOR, "#budget-burn .burn[data-tenant='team'][data-window='day']")
     today = datetime.now(UTC).date().isoformat()
     assert Decimal(burn.get_attribute("data-spent")) == sum(r[6] for r in ledger if r[0] == "team" and r[2] == today)
-    assert driver.find_element(By.ID, "error-rate").get_attribute("data-rate") == "0.0"
-    assert driver.find_element(By.CSS_SELECTOR, "#latency-table tr[data-model='mock-a']").is_displayed()
+    shown_rate = driver.find_element(By.ID, "error-rate")
+    assert float(shown_rate.get_attribute("data-rate")) == error_rate
+    assert shown_rate.text.startswith(f"{error_rate * 100:.1f}%")
+    latency_rows = driver.find_elements(By.CSS_SELECTOR, "#latency-table tr[data-model]")
+    shown_p95 = {row.get_attribute("data-model"): float(row.get_attribute("data-p95")) for row in latency_rows}
+    assert shown_p95 == p95
+    for row in latency_rows:
+        assert row.is_displayed() and f"{p95[row.get_attribute('data-model')]:,.1f} ms" in row.text
     assert driver.find_elements(By.CSS_SELECTOR, "#requests-chart rect.req")
 
     ARTIFACTS.mkdir(exist_ok=True)

@@ -65,6 +65,36 @@ def test_server_errors_retry_once_then_fall_over(gw: RunningGateway, upstream: U
     assert raw.headers["x-gateway-attempts"] == "3" and raw.headers["x-gateway-model"] == "mock-b"
 
 
+# What llama-cpp-python answers (checked against the real server): its own request validation
+# failing is a 500 with FastAPI's validation text; a failure inside the model is a 500 too.
+LLAMA_VALIDATION_500 = {"status": 500, "body": {"error": {
+    "message": "1 validation error:\n  {'type': 'float_parsing', 'loc': ('body', 'temperature'), 'msg': 'Input "
+               "should be a valid number, unable to parse string as a number', 'input': 'hot'}\n\n  File \"/x/"
+               "llama_cpp/server/app.py\", line 376, in create_chat_completion\n    POST /v1/chat/completions",
+    "type": "internal_server_error", "param": None, "code": None}}}
+LLAMA_FAILURE_500 = {"status": 500, "body": {"error": {
+    "message": "llama_decode returned -1", "type": "internal_server_error", "param": None, "code": None}}}
+
+
+def test_a_validation_500_is_the_callers_bad_request(gw: RunningGateway, upstream: UpstreamProcess) -> None:
+    upstream.script(LLAMA_VALIDATION_500)
+    with pytest.raises(openai.BadRequestError) as info:
+        oc(gw).chat.completions.create(model="ab", messages=HI, temperature="hot")  # type: ignore[arg-type]
+    assert info.value.status_code == 400 and info.value.code == "invalid_request"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert "float_parsing" not in str(info.value.body) and "llama_cpp" not in str(info.value.body)
+    assert upstream_models(upstream.attempts()) == ["up-a"]  # neither retried nor sent to mock-b
+    record = wait_for(lambda: audit_rows(gw))[0]
+    assert record["status"] == 400 and [a["status"] for a in record["attempts"]] == [400]
+
+
+def test_any_other_500_is_still_an_outage(gw: RunningGateway, upstream: UpstreamProcess) -> None:
+    upstream.script(LLAMA_FAILURE_500, LLAMA_FAILURE_500)
+    raw = oc(gw).chat.completions.with_raw_response.create(model="ab", messages=HI)
+    assert raw.headers["x-gateway-model"] == "mock-b" and raw.headers["x-gateway-attempts"] == "3"
+    assert upstream_models(upstream.attempts()) == ["up-a", "up-a", "up-b"]
+
+
 def test_retry_budget_spreads_over_candidates(gw: RunningGateway, upstream: UpstreamProcess) -> None:
     upstream.script(*[{"status": 503}] * 10)
     resp = post_chat(gw, "abc")

@@ -103,16 +103,103 @@ def test_secret_in_a_tool_result_raises_the_class() -> None:
     assert classify("internal", None, body).findings == ("AWS_KEY",)
 
 
-def test_scan_of_a_typical_prompt_is_cheap() -> None:
-    prompt = ("Summarise the following meeting notes for the weekly report. " * 30
-              + "Action items: ship the 2.3 release on 2026-11-30, follow up with the design team.")
-    body = chat("You are a helpful assistant.", prompt)
+PROMPT = ("Summarise the following meeting notes for the weekly report. " * 30
+          + "Action items: ship the 2.3 release on 2026-11-30, follow up with the design team.")
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": f"tool_{i}", "description": "Look up the weather for a city (e.g. https://api.example.com/v2).",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}} for i in range(10)]
+AGENT_TURN = {"model": "m", "tools": WEATHER_TOOLS, "messages": [
+    {"role": "system", "content": "You are a helpful assistant. Today is 2026-11-30."},
+    {"role": "user", "content": PROMPT},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "tool_1", "arguments": '{"city": "Paris", "days": 3}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "18C, sunny; 2026-12-01: 16C"},
+]}
+
+
+@pytest.mark.parametrize("body", [chat("You are a helpful assistant.", PROMPT), AGENT_TURN], ids=["chat", "agent"])
+def test_scan_of_a_typical_prompt_is_cheap(body: dict[str, Any]) -> None:
+    assert classify("internal", None, body).data_class == "internal"
     n = 300
     start = time.perf_counter()
     for _ in range(n):
         classify("internal", None, body)
     per_request_ms = (time.perf_counter() - start) / n * 1000
     assert per_request_ms < 2.0, per_request_ms  # measured well under 0.1 ms; generous for CI
+
+
+def tool_calls(arguments: str) -> dict[str, Any]:
+    return {"model": "m", "messages": [
+        {"role": "user", "content": "deploy it"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "deploy", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"}]}
+
+
+def tool_use(value: Any) -> dict[str, Any]:
+    return {"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "deploy it"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "deploy", "input": {"dsn": value}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "done"}]}]}
+
+
+def openai_tool(description: str, default: str = "x") -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {
+        "name": "query", "description": description,
+        "parameters": {"type": "object", "properties": {"dsn": {"type": "string", "default": default}}}}}]}
+
+
+def anthropic_tool(description: str) -> dict[str, Any]:
+    return {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "query", "description": description, "input_schema": {"type": "object"}}]}
+
+
+DSN = "postgres://admin:hunter2@10.0.0.5/db"
+
+
+@pytest.mark.parametrize(("body", "findings"), [
+    # OpenAI assistant tool-call arguments (a JSON string, or an object some clients send)
+    (tool_calls(f'{{"dsn": "{DSN}"}}'), ("URL_PASSWORD",)),
+    (tool_calls('{"key": "AKIAIOSFODNN7EXAMPLE"}'), ("AWS_KEY",)),
+    ({"model": "m", "messages": [{"role": "assistant", "content": None,
+                                  "function_call": {"name": "f", "arguments": '{"ssn": "123-45-6789"}'}}]}, ("US_SSN",)),
+    ({"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": {"password": "hunter2hunter2"}}}]}]},
+     ("GENERIC_SECRET",)),
+    # Anthropic tool_use.input and tool_result content (string, blocks, documents)
+    (tool_use(DSN), ("URL_PASSWORD",)),
+    (tool_use({"nino": "QQ123456C"}), ("UK_NINO",)),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [
+        {"type": "text", "text": "owner ssn 123-45-6789"}]}]}]}, ("US_SSN",)),
+    ({"model": "m", "messages": [{"role": "user", "content": [{"type": "document", "source": {
+        "type": "text", "media_type": "text/plain", "data": f"config: {DSN}"}}]}]}, ("URL_PASSWORD",)),
+    # tool definitions: descriptions and schemas
+    (openai_tool(f"Query the warehouse at {DSN}"), ("URL_PASSWORD",)),
+    (openai_tool("Query the warehouse", default=DSN), ("URL_PASSWORD",)),
+    (anthropic_tool("Use the token sk-ant-api03-Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe to call it"), ("ANTHROPIC_KEY",)),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+      "functions": [{"name": "f", "description": "mail ops@example.com"}]}, ("EMAIL",)),
+])
+def test_tool_calls_results_and_definitions_are_scanned(body: dict[str, Any], findings: tuple[str, ...]) -> None:
+    verdict = classify("internal", None, body)
+    assert (verdict.data_class, verdict.findings, verdict.raised_by) == ("confidential", findings, ("scan",))
+
+
+@pytest.mark.parametrize("body", [
+    tool_calls('{"dsn": "postgres://localhost:5432/app"}'),
+    tool_use("postgres://user:${DB_PASSWORD}@db/app"),
+    openai_tool("Query the warehouse at postgres://warehouse.internal/app"),
+    anthropic_tool("Weather for a city, e.g. https://api.example.com/v2/weather?city=Paris"),
+])
+def test_clean_tool_traffic_stays_internal(body: dict[str, Any]) -> None:
+    assert classify("internal", None, body).data_class == "internal"
+
+
+def test_tool_definitions_verdict_is_memoised_but_exact() -> None:
+    body = openai_tool("Query the warehouse", default=DSN)
+    assert classify("internal", None, body).findings == ("URL_PASSWORD",)
+    assert classify("internal", None, body).findings == ("URL_PASSWORD",)  # same text: from the memo
+    assert classify("internal", None, openai_tool("Query the warehouse")).findings == ()
 
 
 def test_user_hash_is_a_stable_pseudonym() -> None:

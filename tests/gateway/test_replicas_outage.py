@@ -83,21 +83,23 @@ def _postgres_outage(base: str, pg: TcpProxy, c, upstream: UpstreamProcess, tmp:
 
     answer = asyncio.run(in_flight_across_the_cut())
     assert answer.status_code == 200  # admitted before the outage: served, its settlement spooled
+    assert answer.headers["x-request-id"] == "req-during-outage"
+    booked_as = answer.headers["x-gateway-request-id"]  # the ledger and audit key: the gateway's own id
     assert wait_until(lambda: _all_503(base))
     unknown = httpx.post(f"{base}/v1/chat/completions", json=BODY, headers={"authorization": "Bearer gw-unknown"})
     assert unknown.status_code == 503  # the key cannot be checked: not a 401
     ready = httpx.get(f"{base}/readyz", timeout=10)
     assert ready.status_code == 503 and any("postgresql" in p for p in ready.json()["problems"])
-    spooled = wait_until(lambda: b"req-during-outage" in b"".join(
+    spooled = wait_until(lambda: booked_as.encode() in b"".join(
         p.read_bytes() for p in (tmp / "spool").glob("*.jsonl")))
     assert spooled
     pg.restore()
     assert wait_until(lambda: _all_ok(base), timeout=30)
     rows = wait_until(lambda: c.query("SELECT attempt, status FROM ledger_entries WHERE request_id = %s",
-                                      "req-during-outage"))
+                                      booked_as))
     assert rows == [(1, "ok")]  # replayed once
     audit = wait_until(lambda: c.query("SELECT count(*) FROM audit_records WHERE request_id = %s",
-                                       "req-during-outage")[0][0])
+                                       booked_as)[0][0])
     assert audit == 1
     assert c.query("SELECT count(*) FROM ledger_entries")[0][0] > before
     assert wait_until(lambda: all(p.read_bytes() == b"" for p in (tmp / "spool").glob("*.jsonl")))

@@ -253,9 +253,52 @@ def test_json_logs_carry_request_and_trace_ids(gateway: RunningGateway, upstream
                                "x-request-id": "req-log-test-1"},
                       json={"model": "mock-a", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
         r.read()
+        gateway_id = r.headers["x-gateway-request-id"]  # logs carry the gateway's unique id (the audit's and ledger's)
+        assert r.headers["x-request-id"] == "req-log-test-1" != gateway_id
     record = wait_for(lambda: [r for r in caplog.records if r.getMessage() == "upstream stream failed"])[0]
-    assert record.request_id == "req-log-test-1" and record.trace_id == TRACE_ID
+    assert record.request_id == gateway_id and record.trace_id == TRACE_ID
     from gateway.logs import JsonFormatter
 
     line = JsonFormatter().format(record)
-    assert f'"trace_id":"{TRACE_ID}"' in line and '"request_id":"req-log-test-1"' in line
+    assert f'"trace_id":"{TRACE_ID}"' in line and f'"request_id":"{gateway_id}"' in line
+
+
+def _cut_stream(gw_v1: str, headers: dict[str, str]) -> str:
+    """A streamed chat the upstream cuts short (the gateway logs a warning); its gateway request id."""
+    with httpx.stream("POST", f"{gw_v1}/chat/completions", timeout=10,
+                      headers={"authorization": f"Bearer {TENANT_KEY}", **headers},
+                      json={"model": "mock-a", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        r.read()
+        return r.headers["x-gateway-request-id"]
+
+
+def test_serve_json_logs_carry_a_trace_id_with_or_without_traceparent(
+        tmp_path: Path, upstream: UpstreamProcess) -> None:
+    """Tracing off: the caller's trace id is kept, and one is minted when the caller sent none."""
+    from tests.gatewayprocs import GatewayProcess
+    from tests.harness import base_config
+
+    node = GatewayProcess(write_config(tmp_path, base_config(upstream.url, tmp_path)), tmp_path / "serve.log",
+                          env={"GATEWAY_LOG_JSON": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "",
+                               "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ""})
+    try:
+        ids = []
+        for headers in ({"traceparent": TRACEPARENT}, {}, {}):
+            upstream.script({"text": "one two three four five six seven", "cut_after_chunks": 2})
+            ids.append(_cut_stream(node.v1, headers))
+        records = wait_for(lambda: len(read_audit(tmp_path / "state.db")) == 3 and read_audit(tmp_path / "state.db"))
+    finally:
+        assert node.stop() == 0
+    import orjson
+
+    lines = [orjson.loads(line) for line in node.log().splitlines() if line.startswith("{")]
+    per_request = [line for line in lines if "request_id" in line]
+    assert len(per_request) >= 3  # one warning per cut stream at least
+    for line in per_request:  # every line logged while serving a request names it and its trace
+        assert re.fullmatch(r"[0-9a-f]{32}", line["trace_id"]) and line["trace_id"] != "0" * 32, line
+    warned = {line["request_id"]: line["trace_id"] for line in per_request if line["msg"] == "upstream stream failed"}
+    assert set(warned) == set(ids)
+    assert warned[ids[0]] == TRACE_ID  # the caller's
+    assert len({warned[ids[1]], warned[ids[2]], TRACE_ID}) == 3  # minted: a new one per request
+    audit = {r["request_id"]: r["trace_id"] for r in records}
+    assert audit == warned  # the audit record carries the same trace id as the logs

@@ -65,7 +65,7 @@ def test_openai_chat_uses_the_local_model_and_its_usage(local_gateway: RunningGa
     assert reply.usage is not None and reply.usage.prompt_tokens > 0
     assert 0 < reply.usage.completion_tokens <= MAX_TOKENS
     # llama.cpp reports usage on non-streamed answers: the ledger takes it as reported.
-    row = ledger_row(local_gateway, "local-chat-1")
+    row = ledger_row(local_gateway, raw.headers["x-gateway-request-id"])  # the ledger key: the gateway's id
     assert row == {"model": "llama-local", "provider": "local", "input_tokens": reply.usage.prompt_tokens,
                    "output_tokens": reply.usage.completion_tokens, "cost_usd": row["cost_usd"],
                    "usage_estimated": 0, "status": "ok"}
@@ -83,7 +83,7 @@ def test_openai_stream_usage_is_counted_by_the_gateway(local_gateway: RunningGat
     assert [c.choices[0].finish_reason for c in with_choices if c.choices[0].finish_reason] in (["stop"], ["length"])
     # llama.cpp ignores stream_options.include_usage, so the gateway counts: the prompt by its
     # estimate, the output by counting the streamed text, and marks the usage as estimated.
-    row = ledger_row(local_gateway, "local-stream-1")
+    row = ledger_row(local_gateway, stream.response.headers["x-gateway-request-id"])
     assert (row["model"], row["usage_estimated"], row["status"]) == ("llama-local", 1, "ok")
     assert row["input_tokens"] > 0
     assert row["output_tokens"] == tokens.count_text(text) > 0

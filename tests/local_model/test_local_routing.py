@@ -1,6 +1,7 @@
 """Routing around a real local model server: active health checks take a stopped llama.cpp
 server out of rotation within seconds and bring it back when it answers again, confidential
-prompts never leave the machine, and llama.cpp's 500 for a malformed request is no outage."""
+prompts never leave the machine, and llama.cpp's 500 for a malformed request is the caller's
+400, not an outage."""
 from __future__ import annotations
 
 from typing import Any
@@ -74,17 +75,21 @@ def test_confidential_prompt_stays_local(local_gateway: RunningGateway, upstream
     assert len(upstream.attempts()) == 1  # nothing more went to the hosted provider
 
 
-def test_llama_500_for_a_malformed_request_does_not_mark_it_down(
-        local_gateway: RunningGateway, running_llama: LlamaServer) -> None:
-    # llama.cpp quirk: a request it cannot handle (here content parts) is a 500, not a 400.
-    malformed: Any = {"model": "x", "max_tokens": 4,
-                 "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
-    assert httpx.post(f"{running_llama.url}/v1/chat/completions", json=malformed, timeout=30).status_code == 500
-    try:
-        oa(local_gateway).chat.completions.create(model="llama-local", max_tokens=4, messages=malformed["messages"])
-    except openai.APIStatusError:
-        pass  # how such an answer is relayed belongs to fault handling; health is what is checked here
+def test_llama_500_for_a_malformed_request_is_the_callers_400_not_an_outage(
+        local_gateway: RunningGateway, running_llama: LlamaServer, upstream: UpstreamProcess) -> None:
+    # llama.cpp quirk: a request failing its own validation (a temperature that is no number) is a 500.
+    malformed: Any = {"model": "x", "max_tokens": 4, "temperature": "hot", "messages": HI}
+    direct = httpx.post(f"{running_llama.url}/v1/chat/completions", json=malformed, timeout=30)
+    assert direct.status_code == 500 and "validation error" in direct.json()["error"]["message"]
+    client = oa(local_gateway)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="fast", max_tokens=4, messages=HI, temperature="hot",  # type: ignore[arg-type]
+                                           stream=stream)
+        assert info.value.status_code == 400 and info.value.code == "invalid_request"
+        assert info.value.response.headers["x-gateway-attempts"] == "1"  # not retried
+    assert upstream.attempts() == []  # nor sent to `fast`'s hosted fallback
     wait_until(lambda: local_gateway.runtime.health.states["local"].checked, timeout_s=2)
     assert local_gateway.runtime.health.states["local"].healthy and local_available(local_gateway)
-    reply = oa(local_gateway).chat.completions.create(model="fast", max_tokens=8, messages=HI)
+    reply = client.chat.completions.create(model="fast", max_tokens=8, messages=HI)
     assert reply.choices[0].message.content
