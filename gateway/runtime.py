@@ -206,6 +206,7 @@ class Runtime:
         await self.client.start()
         await self.health.start()
         self.latency.start(self)
+        self.slow_calls.start()
         await self.reloader.start()
         if self.breaker_sync is not None:
             await self.breaker_sync.start()

@@ -103,13 +103,18 @@ class SlowCallWatch:
         assert task is not None
         self._calls[key] = (time.monotonic(), ex, task, receive)
         if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep(), name="slow-call-watch", context=contextvars.Context())
+            self.start()
         try:
             return await call
         finally:
             del self._calls[key]
             if ex.watch is not None:  # armed meanwhile; the answer is in (or failed): a disconnect changes nothing now
                 ex.watch.stop()
+
+    def start(self) -> None:
+        """The one sweeper task (Runtime.start; else the first watched call starts it)."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="slow-call-watch", context=contextvars.Context())
 
     async def _sweep(self) -> None:
         while True:

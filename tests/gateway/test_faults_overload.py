@@ -49,7 +49,9 @@ def test_past_the_caps_requests_are_refused_fast(gw: RunningGateway, upstream: U
         health = [timed(lambda: httpx.get(f"{gw.url}/healthz", timeout=5)) for _ in range(5)]
         for future in shed:
             resp, took = future.result()
-            assert resp.status_code == 503 and took < 0.3
+            # Refused at once, not after the 0.5 s queue wait: the gateway's own time says so
+            # (the client-side time also holds thread-pool and connection set-up on a busy box).
+            assert resp.status_code == 503 and float(resp.headers["x-gateway-overhead-ms"]) < 100 and took < 1.0
             assert resp.json()["error"]["code"] == "overloaded" and resp.headers["retry-after"] == "1"
         resp, took = queued.result()
         assert resp.status_code == 503 and 0.4 < took < 1.4  # waited its turn (0.5 s), then refused
