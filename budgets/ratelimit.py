@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from budgets._memory import InlineExpiryMemoryStorage
 from budgets.ledger import StoreUnavailable
 
 __all__ = ["RateLimiter", "RateLimits", "RateState"]
@@ -114,34 +115,6 @@ class _Probe:
         return self.cost <= self.remaining
 
 
-class _InlineExpiryMemoryStorage(MemoryStorage):
-    """``limits``' memory storage without its expiry thread.
-
-    Upstream arms a ``threading.Timer`` (a new OS thread) whenever a counter changes and the
-    last one has fired, i.e. up to 100 thread starts a second under load, each competing with
-    the event loop for the GIL. Reads already ignore expired counters (``get`` checks the
-    expiry), so dropping them is only memory hygiene: done here inline, at most once a second.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.timer.cancel()
-        self._next_sweep = 0.0
-
-    def _MemoryStorage__schedule_expiry(self) -> None:  # replaces the private thread-starting hook
-        now = time.monotonic()
-        if now >= self._next_sweep:
-            self._next_sweep = now + 1.0
-            self._MemoryStorage__expire_events()  # type: ignore[attr-defined]
-
-
-# ``Storage.__init_subclass__`` wraps these methods (again, for every subclass) to turn backend
-# errors into ``StorageError`` when ``wrap_exceptions`` is set, which this in-process storage
-# never uses: take the plain functions, so a hit is not three nested wrappers deep.
-for _name in ("incr", "get", "get_expiry", "check", "reset", "clear"):
-    setattr(_InlineExpiryMemoryStorage, _name, getattr(MemoryStorage, _name).__wrapped__)
-
-
 def _async_storage(uri: str, key_prefix: str, timeout_s: float) -> Storage:
     options: dict[str, Any] = {}
     if uri.startswith(("redis://", "rediss://", "async+redis://", "async+rediss://")):
@@ -176,7 +149,7 @@ class RateLimiter:
         # runs one hit at a time, so probe-then-consume cannot interleave with another hit.
         self._memory: MemoryStorage | None = None
         if not self.shared:
-            self._memory = _InlineExpiryMemoryStorage()
+            self._memory = InlineExpiryMemoryStorage()
             storage_uri = "async+memory://"  # the async storage below stays unused
         self._storage = _async_storage(storage_uri, key_prefix, timeout_s)
         bridge = getattr(self._storage, "bridge", None)

@@ -219,3 +219,20 @@ async def test_redis_outage_raises_store_unavailable_and_recovers() -> None:
             assert (await limiter.hit("k", limits, 0)).remaining_requests == 3
         finally:
             await limiter.close()
+
+
+def test_in_process_storage_starts_no_expiry_threads_and_still_drops_expired_counters() -> None:
+    import threading
+
+    from budgets._memory import InlineExpiryMemoryStorage
+
+    storage = InlineExpiryMemoryStorage()
+    for i in range(50):
+        assert storage.incr(f"k{i % 5}", 0.01, amount=2) >= 2
+    assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer) and t.is_alive()]
+    time.sleep(0.02)
+    assert storage.get("k0") == 0  # expired counters read as empty at once
+    storage._next_sweep = 0.0  # the next change sweeps (at most once a second otherwise)
+    storage.incr("fresh", 60)
+    assert set(storage.storage) == {"fresh"} and set(storage.expirations) == {"fresh"}
+    assert storage.decr("fresh") == 0
