@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
 import orjson
@@ -41,7 +41,7 @@ def seal(record: Any, seq: int, prev_hash: str) -> tuple[bytes, str]:
     record.seq, record.prev_hash, record.hash = seq, prev_hash, ""
     # Through a dict: orjson keeps dataclass fields in declaration order, and the canonical
     # form must not depend on the declaration (sorted keys at every level).
-    data = orjson.loads(orjson.dumps(record))
+    data = _plain(record)
     # One sorted pass: serialise with a per-process random placeholder as `hash`, then
     # swap it for "" (the hashed form) and for the digest (the stored form). Compact JSON,
     # so only that value's bytes change; if the placeholder is not unique, the slow path.
@@ -57,6 +57,17 @@ def seal(record: Any, seq: int, prev_hash: str) -> tuple[bytes, str]:
         stored = orjson.dumps(data, option=_OPTS)
     record.hash = digest
     return stored, digest
+
+
+def _plain(record: Any) -> dict[str, Any]:
+    """The record as a dict whose dataclass parts (its attempts) are dicts too, so every level
+    serialises sorted; cheaper than a JSON round trip. Other values are left to orjson, which
+    sorts dict keys at every level itself."""
+    data = dict(vars(record))
+    attempts = data.get("attempts")
+    if attempts and is_dataclass(attempts[0]):
+        data["attempts"] = [dict(vars(attempt)) for attempt in attempts]
+    return data
 
 
 def record_hash(data: dict[str, Any]) -> str:

@@ -255,3 +255,20 @@ def test_admin_audit_endpoint(seeded: RunningGateway) -> None:
     lines = httpx.get(url, params={"format": "jsonl", "limit": "2"}, headers=ADMIN).text.splitlines()
     assert len(lines) == 2 and orjson.loads(lines[0])["seq"] == 1
     assert httpx.get(url, params={"since": "not-a-date"}, headers=ADMIN).status_code == 400
+
+
+def test_sealed_form_is_the_canonical_form_verify_recomputes() -> None:
+    from gateway.audit import Attempt
+
+    record = AuditRecord(
+        request_id="r1", ts="2026-12-03T10:00:00+00:00", tenant="t", key_id="k", route="p@v:r",
+        attempts=[Attempt("m-b", "p", "retry", 503, 12.5, "status", 1), Attempt("m-a", "p", "ok", 200, 3.25)],
+        features={"z": [1, {"y": 2, "b": None}], "a": "x"}, usage_raw={"prompt_tokens": 3, "details": {"b": 1, "a": 0}},
+        details={"k": True},
+    )
+    stored, digest = audit_chain.seal(record, 7, "f" * 64)
+    parsed = orjson.loads(stored)
+    assert parsed["attempts"][0] == {"model": "m-b", "provider": "p", "outcome": "retry", "status": 503,
+                                     "latency_ms": 12.5, "error": "status", "started_ns": 1}
+    assert digest == parsed["hash"] == audit_chain.record_hash(parsed)
+    assert stored == orjson.dumps(parsed, option=orjson.OPT_SORT_KEYS)  # every level sorted
