@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import GATEWAY_KEY, write_config  # noqa: E402
+from run import GATEWAY_KEY, write_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-
 from bench_load import WRK_LUA, LoadResult, run_builtin, run_wrk, wrk_available
 from bench_procs import (
     HZ,

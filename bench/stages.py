@@ -25,15 +25,16 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adapters.base import Usage  # noqa: E402
-from gateway import pipeline  # noqa: E402
-from gateway.config import load_config  # noqa: E402
-from gateway.dispatch import Target  # noqa: E402
-from gateway.parsing import parse_chat  # noqa: E402
-from gateway.relay import Exchange, finish_exchange  # noqa: E402
-from gateway.runtime import Runtime  # noqa: E402
-from gateway.settings import Settings  # noqa: E402
-from starlette.requests import Request  # noqa: E402
+from starlette.requests import Request
+
+from adapters.base import Usage
+from gateway import pipeline
+from gateway.config import load_config
+from gateway.dispatch import Target
+from gateway.parsing import parse_chat
+from gateway.relay import Exchange, finish_exchange
+from gateway.runtime import Runtime
+from gateway.settings import Settings
 
 KEY = "gw-stage-bench-key"
 

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from tests.harness import RunningGateway, UpstreamProcess, base_config, run_gateway, write_config
+from tests.harness import (
+    RunningGateway,
+    UpstreamProcess,
+    base_config,
+    run_gateway,
+    write_config,
+)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,13 @@ import yaml
 
 from gateway.cli import main
 from tests.gateway.test_e2e_openai import ledger_rows, wait_for
-from tests.harness import TENANT_KEY, RunningGateway, UpstreamProcess, free_port, write_config
+from tests.harness import (
+    TENANT_KEY,
+    RunningGateway,
+    UpstreamProcess,
+    free_port,
+    write_config,
+)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -57,7 +57,6 @@ def browser(tmp_path: Path) -> Iterator[tuple[Any, Path]]:
 
 def _login(driver: Any, gw: RunningGateway, key: str) -> None:
     from selenium.webdriver.common.by import By
-
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
