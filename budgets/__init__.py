@@ -17,7 +17,7 @@ from budgets.ledger import (
     expired_entry,
 )
 from budgets.postgres_ledger import PostgresLedger
-from budgets.pricing import Price, cost, price_version
+from budgets.pricing import Price, PriceVersion, cost, price_version
 from budgets.ratelimit import RateLimiter, RateLimits, RateState
 from budgets.redis_ledger import RedisLedger, redis_client
 from budgets.spool import Spool
@@ -36,6 +36,7 @@ __all__ = [
     "PgRowStore",
     "PostgresLedger",
     "Price",
+    "PriceVersion",
     "RateLimiter",
     "RateLimits",
     "RateState",

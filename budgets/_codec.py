@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -16,8 +17,25 @@ def entry_to_json(e: LedgerEntry) -> dict[str, Any]:
         "input_tokens": e.input_tokens, "output_tokens": e.output_tokens,
         "cached_input_tokens": e.cached_input_tokens, "cost_usd": str(e.cost_usd),
         "usage_estimated": e.usage_estimated, "status": e.status,
-        "price_version": e.price_version,
+        "price_version": e.price_version, "cache_write_tokens": e.cache_write_tokens,
+        "usage_raw": usage_numbers(e.usage_raw),
     }  # fmt: skip
+
+
+def usage_numbers(raw: Any) -> dict[str, Any] | None:
+    """A provider's usage object with only its numbers (nested objects kept, numbers only):
+    what the ledger stores, so no string a provider puts there can carry content."""
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(key, str):
+            continue
+        if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = usage_numbers(value)
+    return out
 
 
 def entry_from_json(d: dict[str, Any]) -> LedgerEntry:

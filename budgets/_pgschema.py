@@ -127,4 +127,22 @@ BEGIN
 END $$;
 """
 
-MIGRATIONS = (Migration(1, "ledger, alerts, counters, reservations", _V1),)
+# Cache writes and the provider's raw usage per row; the rates behind each price version.
+_V2 = """
+ALTER TABLE ledger_entries ADD COLUMN IF NOT EXISTS cache_write_tokens BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE ledger_entries ADD COLUMN IF NOT EXISTS usage_raw JSONB;
+CREATE TABLE IF NOT EXISTS price_versions (
+    version TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    input_usd_per_mtok NUMERIC NOT NULL,
+    output_usd_per_mtok NUMERIC NOT NULL,
+    cached_input_usd_per_mtok NUMERIC,
+    cache_write_usd_per_mtok NUMERIC,
+    first_seen TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"""
+
+MIGRATIONS = (
+    Migration(1, "ledger, alerts, counters, reservations", _V1),
+    Migration(2, "ledger cache writes and raw usage, price versions", _V2),
+)

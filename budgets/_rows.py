@@ -16,12 +16,13 @@ import psycopg
 from budgets import _store
 from budgets._pgpool import PgPool
 from budgets.ledger import LedgerEntry, SpendRow
+from budgets.pricing import PriceVersion
 
 _INSERT = (
     "INSERT INTO ledger_entries (request_id, attempt, ts, tenant, key_id, model, provider,"
     " input_tokens, output_tokens, cached_input_tokens, cost_usd, cost_nano_usd,"
-    " usage_estimated, status, price_version)"
-    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+    " usage_estimated, status, price_version, cache_write_tokens, usage_raw)"
+    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s::jsonb)"
     " ON CONFLICT (request_id, attempt) DO NOTHING RETURNING request_id, attempt"
 )
 #: Reports scan many rows: bounded, but far beyond the store timeout that admission statements get.
@@ -58,6 +59,12 @@ class RowStore(Protocol):
 
     async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool: ...
 
+    async def entries(self, request_id: str) -> list[LedgerEntry]: ...
+
+    async def record_prices(self, versions: Sequence[PriceVersion]) -> None: ...
+
+    async def price_versions(self) -> list[PriceVersion]: ...
+
 
 def _utc(ts: datetime) -> datetime:
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
@@ -68,6 +75,7 @@ def _params(e: LedgerEntry) -> tuple[object, ...]:
         e.request_id, e.attempt, _utc(e.ts), e.tenant, e.key_id, e.model, e.provider,
         e.input_tokens, e.output_tokens, e.cached_input_tokens, e.cost_usd,
         _store.to_nano_usd(e.cost_usd), e.usage_estimated, e.status, e.price_version,
+        e.cache_write_tokens, _store.usage_json(e.usage_raw),
     )  # fmt: skip
 
 
@@ -150,6 +158,38 @@ class PgRowStore:
 
         return await self.pool.run(claim)
 
+    async def entries(self, request_id: str) -> list[LedgerEntry]:
+        sql = (f"SELECT {_store.ENTRY_COLUMNS} FROM ledger_entries WHERE request_id = %s"
+               " ORDER BY attempt")  # fmt: skip
+
+        async def query(conn: psycopg.AsyncConnection) -> list[LedgerEntry]:
+            cur = await conn.execute(sql, (request_id,))
+            return [_store.entry_from_record(r) for r in await cur.fetchall()]
+
+        return await self.pool.run(query)
+
+    async def record_prices(self, versions: Sequence[PriceVersion]) -> None:
+        sql = (f"INSERT INTO price_versions ({_store.PRICE_COLUMNS}) VALUES"
+               " (%s,%s,%s::numeric,%s::numeric,%s::numeric,%s::numeric,now())"
+               " ON CONFLICT (version) DO NOTHING")  # fmt: skip
+        params = [_store.price_params(v) for v in versions]
+
+        async def insert(conn: psycopg.AsyncConnection) -> None:
+            if params:
+                async with conn.cursor() as cur:
+                    await cur.executemany(sql, params)
+
+        await self.pool.run(insert)
+
+    async def price_versions(self) -> list[PriceVersion]:
+        sql = f"SELECT {_store.PRICE_COLUMNS} FROM price_versions ORDER BY version"
+
+        async def query(conn: psycopg.AsyncConnection) -> list[PriceVersion]:
+            cur = await conn.execute(sql)
+            return [_store.price_from_record(r) for r in await cur.fetchall()]
+
+        return await self.pool.run(query)
+
 
 async def insert_rows(
     conn: psycopg.AsyncConnection, entries: Sequence[LedgerEntry]
@@ -219,3 +259,14 @@ class SqliteRowStore:
     async def claim_alert(self, tenant: str, window_key: str, fraction: str) -> bool:
         claimed: bool = await self._call(_store.claim_alert, tenant, window_key, fraction)
         return claimed
+
+    async def entries(self, request_id: str) -> list[LedgerEntry]:
+        rows: list[LedgerEntry] = await self._call(_store.read_entries, request_id)
+        return rows
+
+    async def record_prices(self, versions: Sequence[PriceVersion]) -> None:
+        await self._call(_store.insert_prices, list(versions))
+
+    async def price_versions(self) -> list[PriceVersion]:
+        versions: list[PriceVersion] = await self._call(_store.read_prices)
+        return versions

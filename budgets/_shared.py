@@ -42,6 +42,7 @@ from budgets.ledger import (
     StoreUnavailable,
     expired_entry,
 )
+from budgets.pricing import PriceVersion
 from budgets.spool import Spool
 from budgets.windows import window_key
 
@@ -232,6 +233,16 @@ class SharedLedger(abc.ABC):
     ) -> list[SpendRow]:  # fmt: skip
         await self.flush()
         return await self.rows.spend(since, until, tenant, group_by)
+
+    async def entries(self, request_id: str) -> list[LedgerEntry]:
+        await self.flush()
+        return await self.rows.entries(request_id)
+
+    async def record_prices(self, versions: Sequence[PriceVersion]) -> None:
+        await self.rows.record_prices(versions)
+
+    async def price_versions(self) -> list[PriceVersion]:
+        return await self.rows.price_versions()
 
     @property
     def queued(self) -> int:

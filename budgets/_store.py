@@ -14,7 +14,11 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+import orjson
+
+from budgets._codec import usage_numbers
 from budgets.ledger import GROUP_BY_FIELDS, LedgerEntry, SpendRow
+from budgets.pricing import Price, PriceVersion
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger_entries (
@@ -33,6 +37,8 @@ CREATE TABLE IF NOT EXISTS ledger_entries (
     usage_estimated INTEGER NOT NULL,
     status TEXT NOT NULL,
     price_version TEXT NOT NULL,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    usage_raw TEXT,
     PRIMARY KEY (request_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS ledger_entries_tenant_ts ON ledger_entries (tenant, ts);
@@ -44,19 +50,44 @@ CREATE TABLE IF NOT EXISTS budget_alerts (
     claimed_at TEXT NOT NULL,
     PRIMARY KEY (tenant, window_key, fraction)
 );
+CREATE TABLE IF NOT EXISTS price_versions (
+    version TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    input_usd_per_mtok TEXT NOT NULL,
+    output_usd_per_mtok TEXT NOT NULL,
+    cached_input_usd_per_mtok TEXT,
+    cache_write_usd_per_mtok TEXT,
+    first_seen TEXT NOT NULL
+);
 """
+#: Columns added after the first release: (name, definition) for ALTER TABLE on old files.
+_ADDED_COLUMNS = (
+    ("cache_write_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("usage_raw", "TEXT"),
+)
+ENTRY_COLUMNS = (
+    "request_id, attempt, ts, tenant, key_id, model, provider, input_tokens, output_tokens,"
+    " cached_input_tokens, cost_usd, usage_estimated, status, price_version,"
+    " cache_write_tokens, usage_raw"
+)
+PRICE_COLUMNS = (
+    "version, model, input_usd_per_mtok, output_usd_per_mtok, cached_input_usd_per_mtok,"
+    " cache_write_usd_per_mtok, first_seen"
+)
 
 _INSERT = (
     "INSERT OR IGNORE INTO ledger_entries (request_id, attempt, ts, tenant, key_id, model,"
     " provider, input_tokens, output_tokens, cached_input_tokens, cost_usd, cost_nano_usd,"
-    " usage_estimated, status, price_version) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " usage_estimated, status, price_version, cache_write_tokens, usage_raw)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 _GROUP_COLUMNS = {"tenant": "tenant", "model": "model", "day": "substr(ts, 1, 10)"}
 _NANO = Decimal("1e-9")
 
 Row = tuple[
-    str, int, str, str, str | None, str, str, int, int, int, str, int, int, str, str
+    str, int, str, str, str | None, str, str, int, int, int, str, int, int, str, str, int,
+    str | None,
 ]
 
 
@@ -90,10 +121,33 @@ def connect(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        _add_missing_columns(conn)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a ledger file made by an older release up to the current columns."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(ledger_entries)")}
+    for name, definition in _ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE ledger_entries ADD COLUMN {name} {definition}")
+
+
+def usage_json(raw: dict[str, Any] | None) -> str | None:
+    """The stored form of ``LedgerEntry.usage_raw``: its numbers, as JSON text."""
+    numbers = usage_numbers(raw)
+    return None if numbers is None else orjson.dumps(numbers).decode()
+
+
+def usage_from_json(stored: object) -> dict[str, Any] | None:
+    """``usage_raw`` read back: JSON text (SQLite) or an already decoded object (JSONB)."""
+    if stored is None:
+        return None
+    value = orjson.loads(stored) if isinstance(stored, (str, bytes)) else stored
+    return value if isinstance(value, dict) else None
 
 
 def _row(entry: LedgerEntry) -> Row:
@@ -113,6 +167,8 @@ def _row(entry: LedgerEntry) -> Row:
         int(entry.usage_estimated),
         entry.status,
         entry.price_version,
+        entry.cache_write_tokens,
+        usage_json(entry.usage_raw),
     )
 
 
@@ -229,3 +285,57 @@ def spend_row(groups: Sequence[str], record: Sequence[Any]) -> SpendRow:
         cached_input_tokens=int(cached),
         cost_usd=from_nano_usd(int(nano)),
     )
+
+
+def entry_from_record(record: Sequence[Any]) -> LedgerEntry:
+    """A ``LedgerEntry`` from a row of ``ENTRY_COLUMNS`` (SQLite text or PostgreSQL types)."""
+    (request_id, attempt, ts, tenant, key_id, model, provider, input_tokens, output_tokens,
+     cached, cost_usd, estimated, status, version, cache_write, usage_raw) = record  # fmt: skip
+    return LedgerEntry(
+        request_id=request_id, attempt=int(attempt),
+        ts=datetime.fromisoformat(ts) if isinstance(ts, str) else ts,
+        tenant=tenant, key_id=key_id, model=model, provider=provider,
+        input_tokens=int(input_tokens), output_tokens=int(output_tokens),
+        cached_input_tokens=int(cached), cost_usd=Decimal(cost_usd),
+        usage_estimated=bool(estimated), status=status, price_version=version,
+        cache_write_tokens=int(cache_write), usage_raw=usage_from_json(usage_raw),
+    )  # fmt: skip
+
+
+def read_entries(conn: sqlite3.Connection, request_id: str) -> list[LedgerEntry]:
+    sql = f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE request_id = ? ORDER BY attempt"
+    return [entry_from_record(r) for r in conn.execute(sql, (request_id,))]
+
+
+def price_params(v: PriceVersion) -> tuple[object, ...]:
+    """Insert parameters of ``v`` (without ``first_seen``); Decimals as exact text."""
+    p = v.price
+
+    def text(d: Decimal | None) -> str | None:
+        return None if d is None else str(d)
+
+    return (v.version, v.model, str(p.input_usd_per_mtok), str(p.output_usd_per_mtok),
+            text(p.cached_input_usd_per_mtok), text(p.cache_write_usd_per_mtok))  # fmt: skip
+
+
+def price_from_record(record: Sequence[Any]) -> PriceVersion:
+    version, model, inp, out, cached, write, first_seen = record
+    return PriceVersion(
+        version=version, model=model,
+        price=Price(Decimal(inp), Decimal(out), None if cached is None else Decimal(cached),
+                    None if write is None else Decimal(write)),
+        first_seen=datetime.fromisoformat(first_seen) if isinstance(first_seen, str) else first_seen,
+    )  # fmt: skip
+
+
+def insert_prices(conn: sqlite3.Connection, versions: Sequence[PriceVersion]) -> None:
+    now = format_ts(datetime.now(UTC))
+    conn.executemany(
+        f"INSERT OR IGNORE INTO price_versions ({PRICE_COLUMNS}) VALUES (?,?,?,?,?,?,?)",
+        [(*price_params(v), now) for v in versions],
+    )
+
+
+def read_prices(conn: sqlite3.Connection) -> list[PriceVersion]:
+    sql = f"SELECT {PRICE_COLUMNS} FROM price_versions ORDER BY version"
+    return [price_from_record(r) for r in conn.execute(sql)]

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from budgets.pricing import as_decimal
+from budgets.pricing import PriceVersion, as_decimal
 from budgets.windows import WINDOWS
 
 __all__ = [
@@ -84,7 +84,13 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
-    """One upstream attempt's actual usage. ``input_tokens`` excludes cached input."""
+    """One upstream attempt's actual usage. ``input_tokens`` excludes cached input (reads).
+
+    ``cache_write_tokens`` is the part of ``input_tokens`` written to a provider cache (so
+    totals never count it twice); ``usage_raw`` is the provider's usage object as reported,
+    stored with its numbers only (never content). ``price_version`` names the rates charged
+    (see ``Ledger.price_versions``).
+    """
 
     request_id: str
     attempt: int
@@ -100,6 +106,8 @@ class LedgerEntry:
     usage_estimated: bool
     status: str
     price_version: str = "config"
+    cache_write_tokens: int = 0
+    usage_raw: dict[str, Any] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -248,6 +256,18 @@ class Ledger(Protocol):
         group_by: Sequence[str],
     ) -> list[SpendRow]:
         """Totals of rows with ``since <= ts < until``, grouped by ``GROUP_BY_FIELDS``."""
+        ...
+
+    async def entries(self, request_id: str) -> list[LedgerEntry]:
+        """The recorded rows of one request (queued ones written first), by attempt."""
+        ...
+
+    async def record_prices(self, versions: Sequence[PriceVersion]) -> None:
+        """Keep the rates of each price version; a version already stored is left as is."""
+        ...
+
+    async def price_versions(self) -> list[PriceVersion]:
+        """Every stored price version, by version name."""
         ...
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, fields
+from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 
-__all__ = ["COST_QUANTUM", "Price", "as_decimal", "cost", "price_version"]
+__all__ = ["COST_QUANTUM", "Price", "PriceVersion", "as_decimal", "cost", "price_version"]
 
 #: Every cost is rounded to this many places (ten decimals of a dollar).
 COST_QUANTUM = Decimal("1e-10")
@@ -77,3 +78,15 @@ def price_version(price: Price, source: str = "config") -> str:
     history can be repriced: rows with the same version were charged the same rates."""
     text = "|".join(str(getattr(price, f.name)) for f in fields(price))
     return f"{source}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True, slots=True)
+class PriceVersion:
+    """The rates behind one ``price_version``, kept in the ``price_versions`` table so ledger
+    rows can be repriced (join ``ledger_entries.price_version`` to ``price_versions.version``).
+    ``model`` is the first model seen with these rates; ``first_seen`` is set by the store."""
+
+    version: str
+    model: str
+    price: Price
+    first_seen: datetime | None = None

@@ -23,6 +23,7 @@ from budgets.ledger import (
     Reservation,
     SpendRow,
 )
+from budgets.pricing import PriceVersion
 from budgets.windows import window_end, window_key, window_start
 
 __all__ = ["SqliteLedger"]
@@ -214,6 +215,24 @@ class SqliteLedger:
             return await asyncio.to_thread(
                 _store.spend_rows, conn, since, until, tenant, list(group_by)
             )
+
+    async def entries(self, request_id: str) -> list[LedgerEntry]:
+        if self._closed:
+            raise RuntimeError("ledger is closed")
+        async with self._db_lock:
+            await self._flush_locked()
+            conn = await self._connection()
+            return await asyncio.to_thread(_store.read_entries, conn, request_id)
+
+    async def record_prices(self, versions: Sequence[PriceVersion]) -> None:
+        async with self._db_lock:
+            conn = await self._connection()
+            await asyncio.to_thread(_store.insert_prices, conn, list(versions))
+
+    async def price_versions(self) -> list[PriceVersion]:
+        async with self._db_lock:
+            conn = await self._connection()
+            return await asyncio.to_thread(_store.read_prices, conn)
 
     # -- internals ------------------------------------------------------------------------
 

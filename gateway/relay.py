@@ -260,6 +260,7 @@ async def _settle(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, statu
             cached_input_tokens=usage.cached_input_tokens, cost_usd=spent,
             usage_estimated=usage.estimated, status=outcome,
             price_version=price_version(rt.prices[ex.target.model.name]),
+            cache_write_tokens=usage.cache_write_tokens, usage_raw=usage.raw,
         ))
     if ex.reservation is not None:
         if entries:

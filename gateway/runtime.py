@@ -200,6 +200,7 @@ class Runtime:
         await asyncio.to_thread(tokens.count_text, "warm up the tokenizer")
         await stores.migrate(self.loaded)  # PostgreSQL: schema created/upgraded by the gateway itself
         await self.ledger.start()
+        await stores.record_prices(self.ledger, self.prices)  # rates behind each row's price_version
         await self.audit.start()
         await record_config_changes(self)
         await self.keys.start()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 
 from adapters.base import UpstreamError, Usage
-from budgets import LedgerEntry, cost
+from budgets import LedgerEntry, cost, price_version
 from gateway import tokens, translation
 from gateway.audit import Attempt, AuditRecord
 from gateway.dispatch import Target, build_request
@@ -114,7 +114,8 @@ class ShadowMirror:
         except GatewayError as exc:  # an answer that could not be read
             status, outcome, error_kind = exc.status, "error", "unreadable"
         latency_ms = round((time.perf_counter() - t0) * 1000, 3)
-        spent = cost(rt.prices[copy.model], usage.input_tokens, usage.output_tokens, usage.cached_input_tokens)
+        spent = cost(rt.prices[copy.model], usage.input_tokens - usage.cache_write_tokens, usage.output_tokens,
+                     usage.cached_input_tokens, usage.cache_write_tokens)  # as gateway.relay.usage_cost
         self._requests.labels(copy.model, outcome).inc()
         if outcome == "ok":
             rt.latency.observe(copy.model, latency_ms)
@@ -124,7 +125,8 @@ class ShadowMirror:
                 request_id=shadow_id, attempt=1, ts=ts, tenant=copy.account, key_id=None, model=copy.model,
                 provider=endpoint.provider, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
                 cached_input_tokens=usage.cached_input_tokens, cost_usd=spent, usage_estimated=usage.estimated,
-                status=outcome,
+                status=outcome, price_version=price_version(rt.prices[copy.model]),
+                cache_write_tokens=usage.cache_write_tokens, usage_raw=usage.raw,
             )])
         rt.audit.write(_record(copy, shadow_id, ts, endpoint.provider, status, outcome, error_kind, usage,
                                spent, latency_ms))

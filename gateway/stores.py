@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 
 from budgets import (
@@ -24,6 +24,8 @@ from budgets import (
     PgPool,
     PgRowStore,
     PostgresLedger,
+    Price,
+    PriceVersion,
     RateLimiter,
     RateLimits,
     RedisLedger,
@@ -31,6 +33,7 @@ from budgets import (
     SqliteLedger,
     SqliteRowStore,
     StoreUnavailable,
+    price_version,
 )
 from gateway.config import LoadedConfig
 from gateway.db import is_postgres
@@ -153,3 +156,16 @@ async def migrate(loaded: LoadedConfig) -> list[str]:
     from gateway.db_pg import migrate as migrate_pg
 
     return await migrate_pg(url)
+
+
+async def record_prices(ledger: Ledger, prices: Mapping[str, Price]) -> None:
+    """Store the rates behind every configured model's price version, once per version, so
+    ledger rows stay repriceable. A store that is down only delays this to the next start."""
+    versions: dict[str, PriceVersion] = {}
+    for model, price in sorted(prices.items()):
+        version = price_version(price)
+        versions.setdefault(version, PriceVersion(version, model, price))
+    try:
+        await ledger.record_prices(list(versions.values()))
+    except StoreUnavailable as exc:
+        log.warning("price versions not recorded: %s", exc)

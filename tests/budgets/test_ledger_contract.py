@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from budgets import BudgetExceeded, BudgetLimit, Ledger, SqliteLedger
+from budgets import (
+    BudgetExceeded,
+    BudgetLimit,
+    Ledger,
+    Price,
+    PriceVersion,
+    SqliteLedger,
+    cost,
+    price_version,
+)
 from tests.budgets.backends import BACKENDS, started
 from tests.budgets.factories import NOW, entry
 
@@ -342,3 +352,57 @@ async def test_two_caps_on_one_window_hold_and_release_once(ledger: Ledger) -> N
     with pytest.raises(BudgetExceeded) as caught:
         await ledger.reserve("t", limits, 1, D("0"), NOW)
     assert caught.value.kind == "tokens"
+
+
+#: Anthropic's usage object, as a provider reports it: nested numbers and a string field.
+RAW_USAGE = {"input_tokens": 100, "cache_creation_input_tokens": 200, "cache_read_input_tokens": 1000,
+             "output_tokens": 50, "cache_creation": {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 0},
+             "server_tool_use": {"web_search_requests": 1}, "service_tier": "standard", "ratio": 0.5}
+
+
+async def test_cache_writes_and_raw_usage_read_back_exactly(ledger: Ledger) -> None:
+    limits = [BudgetLimit("day", max_tokens=10_000)]
+    res = await ledger.reserve("t", limits, 2000, D("0.01"), NOW)
+    settled = replace(entry("r1", tenant="t", attempt=1, input_tokens=300, cached_input_tokens=1000,
+                            output_tokens=50, cost_usd="0.0023500000"),
+                      cache_write_tokens=200, usage_raw=RAW_USAGE, price_version="config:abc")
+    plain = entry("r1", tenant="t", attempt=2)
+    await ledger.settle(res, [settled, plain])
+    first, second = await ledger.entries("r1")
+    # Numbers only: the string field is dropped, nested objects keep their numbers.
+    numbers = {k: v for k, v in RAW_USAGE.items() if k != "service_tier"}
+    assert first == replace(settled, usage_raw=numbers)
+    assert (first.cache_write_tokens, first.cached_input_tokens, first.usage_raw) == (200, 1000, numbers)
+    assert second == plain and (second.cache_write_tokens, second.usage_raw) == (0, None)
+    assert await ledger.entries("nobody") == []
+    # Cache writes are part of input_tokens: totals count them once.
+    [bal] = await ledger.balance("t", limits, NOW)
+    assert bal.spent_tokens == 300 + 1000 + 50 + 150
+    [total] = await ledger.spend(None, None, "t", [])
+    assert (total.input_tokens, total.cached_input_tokens, total.output_tokens) == (400, 1000, 100)
+    assert total.cost_usd == D("0.0024500000")
+
+
+async def test_price_versions_hold_the_rates_of_the_rows(ledger: Ledger) -> None:
+    claude = Price(D(3), D(15), D("0.3"), D("3.75"))
+    mini = Price(D("0.15"), D("0.6"))
+    versions = [PriceVersion(price_version(claude), "claude-a", claude),
+                PriceVersion(price_version(mini), "gpt-4o-mini", mini)]
+    await ledger.record_prices(versions)
+    # Written once per version: a second model with the same rates changes nothing.
+    await ledger.record_prices([PriceVersion(price_version(claude), "claude-b", claude)])
+    charged = cost(claude, 100, 50, 1000, 200)
+    await ledger.record([replace(entry("r1", input_tokens=300, cached_input_tokens=1000, cost_usd=charged),
+                                 cache_write_tokens=200, price_version=price_version(claude))])
+    stored = {v.version: v for v in await ledger.price_versions()}
+    assert sorted(stored) == sorted(v.version for v in versions)
+    for v in versions:
+        got = stored[v.version]
+        assert (got.model, got.price) == (v.model, v.price)
+        assert got.first_seen is not None and abs(got.first_seen - datetime.now(UTC)) < timedelta(minutes=5)
+    assert stored[price_version(mini)].price.cached_input_usd_per_mtok is None
+    # Repricing: a row's version names the rates that reproduce its cost.
+    [row] = await ledger.entries("r1")
+    rates = stored[row.price_version].price
+    fresh = row.input_tokens - row.cache_write_tokens
+    assert cost(rates, fresh, row.output_tokens, row.cached_input_tokens, row.cache_write_tokens) == row.cost_usd

@@ -156,6 +156,38 @@ def test_cache_usage_is_normalised_and_priced(gw: RunningGateway, upstream: Upst
     assert all(r["usage_raw"] == usage and r["cache_write_tokens"] == 200 for r in records)
 
 
+def test_ledger_keeps_cache_writes_raw_usage_and_the_rates_charged(gw: RunningGateway, upstream: UpstreamProcess) -> None:
+    usage = {"input_tokens": 100, "cache_creation_input_tokens": 200, "cache_read_input_tokens": 1000,
+             "output_tokens": 50, "cache_creation": {"ephemeral_5m_input_tokens": 200}, "service_tier": "standard"}
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-mock", "stop_reason": "end_turn",
+              "stop_sequence": None, "content": [{"type": "text", "text": "cached"}], "usage": usage}
+    upstream.script({"body": answer})
+    raw = ac(gw).messages.with_raw_response.create(model="claude-a", max_tokens=100,
+                                                   messages=[{"role": "user", "content": "hi"}])
+    assert raw.parse().usage.cache_creation_input_tokens == 200
+    request_id = raw.headers["x-request-id"]
+
+    def row() -> tuple[Any, ...] | None:
+        conn = sqlite3.connect(gw.runtime.db_path)
+        try:
+            return conn.execute(
+                "SELECT l.input_tokens, l.cached_input_tokens, l.cache_write_tokens, l.output_tokens, l.usage_raw,"
+                " l.cost_usd, p.model, p.input_usd_per_mtok, p.output_usd_per_mtok, p.cached_input_usd_per_mtok,"
+                " p.cache_write_usd_per_mtok FROM ledger_entries l JOIN price_versions p"
+                " ON p.version = l.price_version WHERE l.request_id = ?", (request_id,)).fetchone()
+        finally:
+            conn.close()
+
+    got = wait_for(row)
+    assert got[:4] == (300, 1000, 200, 50)  # normalised input includes the 200 written to the cache
+    numbers = {k: v for k, v in usage.items() if k != "service_tier"}  # the ledger keeps usage numbers only
+    assert json.loads(got[4]) == numbers
+    assert got[6:] == ("claude-a", "3", "15", "0.3", "3.75")  # the rates behind the row's price version
+    rates = [Decimal(r) for r in got[7:]]
+    repriced = (100 * rates[0] + 50 * rates[1] + 1000 * rates[2] + 200 * rates[3]) / 10**6
+    assert Decimal(got[5]) == repriced
+
+
 # ------------------------------------------------------------------ Anthropic client -> OpenAI-type provider
 def test_anthropic_sdk_through_openai_model(gw: RunningGateway, upstream: UpstreamProcess) -> None:
     message = ac(gw).messages.create(model="mock-a", max_tokens=100, system="Be brief.", extra_body={"temperature": 0.5},
