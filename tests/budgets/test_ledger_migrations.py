@@ -5,6 +5,7 @@ import sqlite3
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -40,6 +41,16 @@ NEW = replace(entry("new", attempt=1, input_tokens=300, cached_input_tokens=10, 
               cache_write_tokens=200, usage_raw={"input_tokens": 100, "cache_creation_input_tokens": 200})
 
 
+async def _old_row_reads_back_and_new_rows_record(ledger: Any) -> None:
+    """The row written by the old schema reads back with the new fields empty; new rows keep them."""
+    [old] = await ledger.entries("old")
+    assert old == entry("old", attempt=1) and (old.cache_write_tokens, old.usage_raw) == (0, None)
+    await ledger.record([NEW])
+    assert await ledger.entries("new") == [NEW]
+    [total] = await ledger.spend(None, None, None, [])
+    assert (total.requests, total.input_tokens, total.cost_usd) == (2, 400, D("0.0003"))
+
+
 async def test_sqlite_ledger_from_an_old_release_gains_the_new_columns(tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
     with sqlite3.connect(db) as conn:
@@ -47,15 +58,10 @@ async def test_sqlite_ledger_from_an_old_release_gains_the_new_columns(tmp_path:
     ledger = SqliteLedger(str(db))
     await ledger.start()
     try:
-        [old] = await ledger.entries("old")
-        assert old == entry("old", attempt=1) and (old.cache_write_tokens, old.usage_raw) == (0, None)
-        await ledger.record([NEW])
-        assert await ledger.entries("new") == [NEW]
+        await _old_row_reads_back_and_new_rows_record(ledger)
         price = Price(D(1), D(2))
         await ledger.record_prices([PriceVersion(price_version(price), "m", price)])
         assert [(v.model, v.price) for v in await ledger.price_versions()] == [("m", price)]
-        [total] = await ledger.spend(None, None, None, [])
-        assert (total.requests, total.input_tokens, total.cost_usd) == (2, 400, D("0.0003"))
     finally:
         await ledger.close()
     with sqlite3.connect(db) as conn:
@@ -82,12 +88,7 @@ async def test_postgresql_schema_at_version_1_is_migrated(tmp_path: Path) -> Non
         ledger = PostgresLedger(PgPool(url), spool_dir=str(tmp_path / "spool"), flush_interval_s=0.01)
         await ledger.start()
         try:
-            [old] = await ledger.entries("old")
-            assert old == entry("old", attempt=1) and (old.cache_write_tokens, old.usage_raw) == (0, None)
-            await ledger.record([NEW])
-            assert await ledger.entries("new") == [NEW]
-            [total] = await ledger.spend(None, None, None, [])
-            assert (total.requests, total.input_tokens, total.cost_usd) == (2, 400, D("0.0003"))
+            await _old_row_reads_back_and_new_rows_record(ledger)
         finally:
             await ledger.close()
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
