@@ -277,27 +277,20 @@ async def _settle(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, statu
 
 
 def _count(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, status: int) -> None:
-    m = rt.metrics
-    tenant = ex.tenant or "-"
-    model = ex.target.model.name if ex.target else "-"
-    m.child(m.requests, tenant, model, f"{status // 100}xx").inc()
-    m.child(m.route_requests,
-            f"{ex.decision.policy}:{ex.decision.route}" if ex.decision else "-",
-            ex.target.endpoint.provider if ex.target else "-", f"{status // 100}xx").inc()
-    m.child(m.duration, tenant, model).observe(ex.elapsed_ms() / 1000)
-    if ex.overhead_ms is not None:
-        m.overhead.observe(ex.overhead_ms / 1000)
-    if ex.ttft_ms is not None:
-        m.child(m.ttft, model).observe(ex.ttft_ms / 1000)
-    if ex.target is not None:
-        m.child(m.tokens, tenant, model, "input").inc(usage.input_tokens)
-        m.child(m.tokens, tenant, model, "output").inc(usage.output_tokens)
-        m.child(m.tokens, tenant, model, "cached_input").inc(usage.cached_input_tokens)
-        m.child(m.cost, tenant, model).inc(float(spent))
-        if ex.decision and ex.decision.candidates and ex.target.model.name != ex.decision.candidates[0]:
-            m.child(m.fallbacks, f"{ex.decision.policy}:{ex.decision.route}").inc()  # no version: bounded
-    for attempt in ex.attempts:
-        m.child(m.attempts, attempt.provider, attempt.model, attempt.outcome).inc()
+    decision, target = ex.decision, ex.target
+    fallback = None
+    if target is not None and decision is not None and decision.candidates and target.model.name != decision.candidates[0]:
+        fallback = f"{decision.policy}:{decision.route}"  # no version: bounded
+    rt.metrics.count_request(
+        ex.tenant or "-", target.model.name if target else "-", _STATUS_CLASS.get(status) or f"{status // 100}xx",
+        f"{decision.policy}:{decision.route}" if decision else "-", target.endpoint.provider if target else "-",
+        ex.elapsed_ms() / 1000, None if ex.overhead_ms is None else ex.overhead_ms / 1000,
+        None if ex.ttft_ms is None else ex.ttft_ms / 1000,
+        (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) if target is not None else None,
+        float(spent), fallback, [(a.provider, a.model, a.outcome) for a in ex.attempts])
+
+
+_STATUS_CLASS = {200: "2xx", 400: "4xx", 429: "4xx", 499: "4xx", 500: "5xx", 502: "5xx", 503: "5xx", 504: "5xx"}
 
 
 def _audit_record(ex: Exchange, usage: Usage, spent: Decimal, status: int, outcome: str,

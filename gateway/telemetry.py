@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import random
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from gateway.errors import GatewayError
     from gateway.relay import Exchange
 
+_random_bits = random.getrandbits
 ENDPOINT_ENV = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 # (request_id, trace_id) of the request the current task serves; read by the log filter.
@@ -100,7 +102,9 @@ class Telemetry:
         request carries one."""
         traceparent = headers.get("traceparent")
         if self._tracer is None:
-            ex.trace_id = trace_id_from_header(traceparent) or os.urandom(16).hex()
+            # random.getrandbits, as OpenTelemetry's own id generator: ids need to be unique, not
+            # secret, and os.urandom is a syscall that gives the GIL away on every request.
+            ex.trace_id = trace_id_from_header(traceparent) or f"{_random_bits(128) or 1:032x}"
             _current.set((ex.request_id, ex.trace_id))
             return
         from opentelemetry.trace import SpanKind, format_trace_id
