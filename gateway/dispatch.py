@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -86,6 +86,19 @@ class DispatchStats:
                                  ["model"], registry=registry)
 
 
+_TIMEOUTS: dict[int, tuple[Endpoint, Timeouts]] = {}
+
+
+def _endpoint_timeouts(endpoint: Endpoint) -> Timeouts:
+    """`Timeouts.for_endpoint`, once per endpoint object (endpoints are immutable; a reload makes new ones)."""
+    found = _TIMEOUTS.get(id(endpoint))
+    if found is None or found[0] is not endpoint:
+        if len(_TIMEOUTS) > 1024:
+            _TIMEOUTS.clear()
+        found = _TIMEOUTS[id(endpoint)] = (endpoint, Timeouts.for_endpoint(endpoint))
+    return found[1]
+
+
 def build_request(target: Target, parsed: ParsedRequest) -> UpstreamRequest:
     if parsed.endpoint == "embeddings":
         return openai_adapter.build_embeddings_request(target.endpoint, parsed.body, target.model.upstream_model)
@@ -126,7 +139,7 @@ class _State:
     attempt_number: int
 
 
-async def dispatch(
+def dispatch(
     client: UpstreamClient,
     targets: list[Target],
     parsed: ParsedRequest,
@@ -137,14 +150,14 @@ async def dispatch(
     breakers: Breakers | None = None,
     timeouts: Overrides | None = None,
     stats: DispatchStats | None = None,
-) -> Dispatched:
+) -> Coroutine[Any, Any, Dispatched]:
     """Try the targets in order; raise a GatewayError when every one has failed.
 
     `attempts` (the caller's list, appended to as attempts finish) keeps the record of a
     request that fails, for its audit record, metrics and trace. `timeouts` are the route's
     overrides of the providers' (connect, first byte, idle, total)."""
     job = _Job(client, parsed, [] if attempts is None else attempts, max_attempts, sleep, breakers, timeouts, stats)
-    return await job.run(targets)
+    return job.run(targets)  # the job's coroutine itself: no extra await layer on the request path
 
 
 class _Job:
@@ -217,7 +230,7 @@ class _Job:
 
     async def _with_retries(self, target: Target, tries: int) -> tuple[Any, StreamTap | None, bytes]:
         request = build_request(target, self.parsed)
-        timeouts = Timeouts.for_endpoint(target.endpoint)
+        timeouts = _endpoint_timeouts(target.endpoint)
         if self.overrides is not None:
             timeouts = timeouts.overridden(*self.overrides)
         try:  # the first attempt without building a retry engine: the common case succeeds here

@@ -68,19 +68,25 @@ async def handle(
         ex.note_request(parsed)
         if parsed.stream:  # from here to the last byte, a client that leaves cancels the upstream call
             ex.watch = DisconnectWatch(request.receive)
-        t0 = stage_start()
+        traced = ex.span is not None  # stage timestamps are taken for the trace only
+        t0 = stage_start() if traced else 0
         await rate_limit(rt, tenant, key, parsed, ex)
-        mark(ex, "ratelimit", t0)
-        t0 = stage_start()
+        if traced:
+            mark(ex, "ratelimit", t0)
+            t0 = stage_start()
         budget_left = await read_balance(rt, tenant)
-        mark(ex, "budget.balance", t0)
-        t0 = stage_start()
+        if traced:
+            mark(ex, "budget.balance", t0)
+            t0 = stage_start()
         decision = decide(rt, tenant, key, parsed, request, ex, budget_left)
-        mark(ex, "policy", t0)
+        if traced:
+            mark(ex, "policy", t0)
         targets = [Target(rt.models[name], rt.endpoints[rt.models[name].provider]) for name in decision.candidates]
-        t0 = stage_start()
+        if traced:
+            t0 = stage_start()
         await reserve(rt, tenant, parsed, targets, ex)
-        mark(ex, "budget.reserve", t0)
+        if traced:
+            mark(ex, "budget.reserve", t0)
         ex.mark_upstream_start()
         # Non-streamed: a client leaving after the upstream call has run a while cancels it (gateway/streaming.py).
         result = await rt.slow_calls.during(ex, request.receive, dispatch(
@@ -176,6 +182,7 @@ def decide(rt: Runtime, tenant: TenantRuntime, key: KeyRecord, parsed: ParsedReq
     # One read of the policy table: a reload mid-request cannot mix two versions.
     policy = rt.policies[tenant.config.policy]
     risk = classify(tenant.config.data_class, request.headers.get(DATA_CLASS_HEADER), parsed.body)
+    ex.sticky_user = user_hash(parsed.body)
     facts = Facts(
         tenant=tenant.config.id,
         requested_model=parsed.model,
@@ -186,7 +193,7 @@ def decide(rt: Runtime, tenant: TenantRuntime, key: KeyRecord, parsed: ParsedReq
         capabilities=parsed.capabilities,
         allowed_models=tuple(tenant.config.allowed_models),
         sticky_key=key.id,
-        sticky_user=user_hash(parsed.body),
+        sticky_user=ex.sticky_user,
         remaining_budget_usd=budget_left[0],
         remaining_budget_tokens=budget_left[1],
     )

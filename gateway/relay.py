@@ -65,6 +65,7 @@ class Exchange:
     watch: DisconnectWatch | None = None  # streams: cancels the request when the client leaves
     # The client's x-request-id: echoed and audited, never a ledger key (`request_id` is the gateway's own).
     client_request_id: str | None = None
+    sticky_user: str | None = None  # the end user's pseudonym (datarisk.user_hash), once decide() has it
 
     @classmethod
     def begin(cls, request_id: str, endpoint: str, client_request_id: str | None = None) -> Exchange:
@@ -111,7 +112,29 @@ async def render_json(rt: Runtime, ex: Exchange, answer: UpstreamResponse) -> Re
     headers = ex.response_headers()
     completion = produced() if rt.audit.log_bodies else None
     await finish_exchange(rt, ex, error=None, usage=usage, status=answer.status, completion=completion)
-    return Response(body, status_code=answer.status, headers=headers, media_type="application/json")
+    return json_response(body, answer.status, headers)
+
+
+class _JsonAnswer(Response):
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, status_code: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        self.body, self.status_code, self.raw_headers = body, status_code, raw_headers
+        self.background = None
+
+
+@functools.lru_cache(maxsize=256)
+def _header_name(name: str) -> bytes:
+    return name.lower().encode("latin-1")
+
+
+def json_response(body: bytes, status: int, headers: dict[str, str]) -> Response:
+    """A JSON answer with the gateway's headers: Starlette's Response, its raw headers built
+    here (header names are a small fixed set, encoded once), not lowered and encoded per request."""
+    raw = [(_header_name(name), value.encode("latin-1")) for name, value in headers.items()]
+    raw.append((b"content-length", str(len(body)).encode()))
+    raw.append((b"content-type", b"application/json"))
+    return _JsonAnswer(body, status, raw)
 
 
 def relay_response(rt: Runtime, ex: Exchange, stream: UpstreamStream, tap: StreamTap | None = None,
@@ -348,5 +371,6 @@ def _features(ex: Exchange) -> dict[str, Any]:
         features["shadow_model"] = ex.decision.shadow
     if ex.risk is not None:  # why the data class is what it is: detector kinds only, never text
         features.update(ex.risk.audit_features())
-    features["sticky_user"] = user_hash(parsed.body)  # a pseudonym, so splits replay the same way
+    # a pseudonym, so splits replay the same way (decide() computed it for the policy)
+    features["sticky_user"] = ex.sticky_user if ex.sticky_user is not None else user_hash(parsed.body)
     return features
