@@ -241,8 +241,16 @@ class RateLimiter:
         token_probe = (
             None if tpm is None else self._probe_memory(self._item(_TOKENS, tpm), key, tokens, now)
         )
-        probes = [p for p in (requests, token_probe) if p is not None]
-        allowed = all(p.fits for p in probes) and self._consume_memory(key, probes)
+        if requests is not None and token_probe is not None:
+            probes = [requests, token_probe]
+        else:
+            probes = [requests or token_probe]  # type: ignore[list-item]  # one of the two is set (see hit)
+        allowed = True
+        for probe in probes:  # a loop, not all(genexpr): this runs on every request
+            if not probe.fits:
+                allowed = False
+                break
+        allowed = allowed and self._consume_memory(key, probes)
         return _state(allowed, requests, token_probe, now)
 
     def _hit_window(self, item: RateLimitItem, key: str, cost: int) -> bool:
