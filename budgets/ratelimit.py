@@ -226,51 +226,60 @@ class RateLimiter:
         allowed = all(p.fits for p in probes) and await self._consume(key, probes)
         return _state(allowed, requests, token_probe, now)
 
-    def _probe_memory(self, item: RateLimitItem, key: str, cost: int, now: float) -> _Probe:
-        memory = self._memory
-        assert memory is not None
-        storage_key = self._storage_key(item, key)
-        used, reset_at = memory.get(storage_key), memory.get_expiry(storage_key)
-        reset_s = min(reset_at - now, _WINDOW_S) if reset_at > now else _WINDOW_S
-        return _Probe(item, cost, max(0, item.amount - used), reset_s)
-
     def _hit_memory(
         self, key: str, rpm: int | None, tpm: int | None, tokens: int, now: float
     ) -> RateState:
-        requests = None if rpm is None else self._probe_memory(self._item(_REQUESTS, rpm), key, 1, now)
-        token_probe = (
-            None if tpm is None else self._probe_memory(self._item(_TOKENS, tpm), key, tokens, now)
-        )
-        if requests is not None and token_probe is not None:
-            probes = [requests, token_probe]
-        else:
-            probes = [requests or token_probe]  # type: ignore[list-item]  # one of the two is set (see hit)
+        """``hit`` on the in-process storage: read both windows, then count in both only if both
+        fit (no await in between, so nothing interleaves). Straight-line on purpose: it runs
+        on every request."""
+        memory = self._memory
+        assert memory is not None
+        req_key = tok_key = ""
+        used_req = used_tok = 0
+        reset_req = reset_tok = _WINDOW_S
         allowed = True
-        for probe in probes:  # a loop, not all(genexpr): this runs on every request
-            if not probe.fits:
-                allowed = False
-                break
-        allowed = allowed and self._consume_memory(key, probes)
-        return _state(allowed, requests, token_probe, now)
+        if rpm is not None:
+            req_item = self._item(_REQUESTS, rpm)
+            req_key = self._storage_key(req_item, key)
+            used_req = memory.get(req_key)
+            if used_req:
+                reset_req = _reset_s(memory.get_expiry(req_key), now)
+            allowed = 1 <= max(0, rpm - used_req)
+        if tpm is not None:
+            tok_item = self._item(_TOKENS, tpm)
+            tok_key = self._storage_key(tok_item, key)
+            used_tok = memory.get(tok_key)
+            if used_tok:
+                reset_tok = _reset_s(memory.get_expiry(tok_key), now)
+            allowed = allowed and tokens <= max(0, tpm - used_tok)
+        retry_after: int | None = None
+        if allowed:
+            if rpm is not None:
+                used_req = memory.incr(req_key, req_item.get_expiry(), amount=1)
+            if tpm is not None and tokens:
+                used_tok = memory.incr(tok_key, tok_item.get_expiry(), amount=tokens)
+        else:
+            blocking = [reset for limit, used, cost, reset in ((rpm, used_req, 1, reset_req),
+                                                                (tpm, used_tok, tokens, reset_tok))
+                        if limit is not None and cost > max(0, limit - used)]
+            retry_after = max(1, math.ceil(max(blocking, default=_WINDOW_S)))
+        return RateState(
+            allowed=allowed,
+            limit_requests=rpm,
+            remaining_requests=None if rpm is None else max(0, rpm - used_req),
+            reset_requests_s=None if rpm is None else reset_req,
+            limit_tokens=tpm,
+            remaining_tokens=None if tpm is None else max(0, tpm - used_tok),
+            reset_tokens_s=None if tpm is None else reset_tok,
+            retry_after_s=retry_after,
+            tokens_window_end=None if tpm is None else now + reset_tok,
+        )
 
     def _hit_window(self, item: RateLimitItem, key: str, cost: int) -> bool:
         # What the sync FixedWindowRateLimiter.hit does, on the cached storage key.
         memory = self._memory
         assert memory is not None
         return memory.incr(self._storage_key(item, key), item.get_expiry(), amount=cost) <= item.amount
-
-    def _consume_memory(self, key: str, probes: list[_Probe]) -> bool:
-        taken: list[_Probe] = []
-        for probe in probes:
-            if probe.cost == 0:
-                continue
-            taken.append(probe)
-            if not self._hit_window(probe.item, key, probe.cost):  # pragma: no cover - probed
-                for undo in taken:
-                    self._refund_memory(undo.item, key, undo.cost, None)
-                probe.remaining = 0
-                return False
-        return True
 
     def _refund_memory(
         self, item: RateLimitItem, key: str, amount: int, window_end: float | None
@@ -361,6 +370,11 @@ async def _guard(work: Awaitable[T]) -> T:
         raise StoreUnavailable("redis", type(exc.storage_error).__name__) from exc
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # our own calls on the bridge
         raise StoreUnavailable("redis", type(exc).__name__) from exc
+
+
+def _reset_s(reset_at: float, now: float) -> float:
+    """Seconds until a window that ends at ``reset_at`` resets; a full window when none is live."""
+    return min(reset_at - now, _WINDOW_S) if reset_at > now else _WINDOW_S
 
 
 def _state(allowed: bool, requests: _Probe | None, tokens: _Probe | None, now: float) -> RateState:

@@ -57,7 +57,7 @@ def create_app(rt: Runtime) -> HotPaths:
     async def list_models(request: Request) -> Response:
         api: ApiFormat = "anthropic" if "anthropic-version" in request.headers else "openai"  # the Anthropic SDK sends it
         try:
-            key, tenant = await pipeline.authenticate(rt, request, pipeline.Exchange.begin(pipeline.request_id(rt, request), "models"))
+            _key, tenant = await pipeline.authenticate(rt, request, pipeline.Exchange.begin(pipeline.request_id(rt, request), "models"))
         except GatewayError as exc:
             return render_error(exc, api)
         models = _visible_models(rt, tenant.config.id)

@@ -103,7 +103,7 @@ def serve(loaded: LoadedConfig, settings: Settings) -> int:
     base = f"http://{settings.host}:{settings.port}"
     print(f"gateway listening on {base}  (OpenAI SDK base_url={base}/v1, Anthropic SDK base_url={base})", flush=True)
     print(f"create a tenant key: gateway keys create --config {loaded.path} --tenant <tenant-id>", flush=True)
-    common = dict(
+    common = dict(  # noqa: C408 - keyword arguments for uvicorn.Config, read as such
         host=settings.host, port=settings.port, loop="uvloop", http="httptools", access_log=False,
         # uvicorn's own cut comes after ours (gateway/runtime.py cut_streams ends streams in-band first).
         log_config=None, timeout_graceful_shutdown=int(settings.drain_timeout_s + settings.drain_readiness_delay_s) + 5,
