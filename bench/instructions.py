@@ -118,7 +118,10 @@ async def _drive(requests: int, off: set[str]) -> None:
         async def close(self) -> None:
             return None
 
+    from gateway.serve import tune_gc
+
     _switch_off(off)
+    tune_gc()  # the collector settings `gateway serve` runs with
     with tempfile.TemporaryDirectory(prefix="gw-instructions-") as tmp:
         rt = Runtime(load_config(write_config(Path(tmp), "http://127.0.0.1:9/v1")), Settings())
         app = create_app(rt)
