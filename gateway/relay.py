@@ -35,7 +35,7 @@ from routing_policies import Decision
 log = logging.getLogger("gateway.request")
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     request_id: str
     endpoint: str
