@@ -27,6 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from budgets._memory import InlineExpiryMemoryStorage
+from budgets._ratestate import UNLIMITED, WINDOW_S, RateLimits, RateState, reset_seconds
 from budgets.ledger import StoreUnavailable
 
 __all__ = ["RateLimiter", "RateLimits", "RateState"]
@@ -46,59 +47,7 @@ redis.call('SET', KEYS[1], left, 'KEEPTTL')
 return left
 """
 _TOKENS = "gw-tokens"
-_WINDOW_S = 60.0
 _MAX_CACHED_KEYS = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimits:
-    """Caps per fixed minute; None means unlimited."""
-
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-
-
-def _duration(seconds: float) -> str:
-    return f"{max(0, math.ceil(seconds))}s"
-
-
-@dataclass(frozen=True, slots=True)
-class RateState:
-    """The outcome of one ``RateLimiter.hit``; ``*_tokens``/``*_requests`` are None when
-    that limit is not configured. ``retry_after_s`` is set only when not allowed."""
-
-    allowed: bool
-    limit_requests: int | None
-    remaining_requests: int | None
-    reset_requests_s: float | None
-    limit_tokens: int | None
-    remaining_tokens: int | None
-    reset_tokens_s: float | None
-    retry_after_s: int | None
-    #: When the token window this hit counted in ends (epoch s): where a refund must go.
-    tokens_window_end: float | None = None
-
-    def headers(self) -> dict[str, str]:
-        """OpenAI-style ``x-ratelimit-*`` headers for the configured limits (resets as "12s")."""
-        headers: dict[str, str] = {}
-        for kind, limit, remaining, reset in (
-            (
-                "requests",
-                self.limit_requests,
-                self.remaining_requests,
-                self.reset_requests_s,
-            ),
-            ("tokens", self.limit_tokens, self.remaining_tokens, self.reset_tokens_s),
-        ):
-            if limit is None:
-                continue
-            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(remaining or 0)
-            headers[f"x-ratelimit-reset-{kind}"] = _duration(reset or 0.0)
-        return headers
-
-
-_UNLIMITED = RateState(True, None, None, None, None, None, None, None)
 
 
 @dataclass(slots=True)
@@ -199,7 +148,7 @@ class RateLimiter:
             used = await self._storage.get(storage_key)
             reset_at = await self._storage.get_expiry(storage_key)
         # No live window yet: the hit we are about to make starts a full one.
-        reset_s = min(reset_at - now, _WINDOW_S) if reset_at > now else _WINDOW_S
+        reset_s = min(reset_at - now, WINDOW_S) if reset_at > now else WINDOW_S
         return _Probe(item, cost, max(0, item.amount - used), reset_s)
 
     async def hit(self, key: str, limits: RateLimits, tokens: int) -> RateState:
@@ -208,7 +157,7 @@ class RateLimiter:
             raise ValueError("tokens must be non-negative")
         rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
         if rpm is None and tpm is None:
-            return _UNLIMITED
+            return UNLIMITED
         now = time.time()
         if self._memory is not None:
             return self._hit_memory(key, rpm, tpm, tokens, now)
@@ -236,21 +185,13 @@ class RateLimiter:
         assert memory is not None
         req_key = tok_key = ""
         used_req = used_tok = 0
-        reset_req = reset_tok = _WINDOW_S
+        reset_req = reset_tok = WINDOW_S
         allowed = True
         if rpm is not None:
-            req_item = self._item(_REQUESTS, rpm)
-            req_key = self._storage_key(req_item, key)
-            used_req = memory.get(req_key)
-            if used_req:
-                reset_req = _reset_s(memory.get_expiry(req_key), now)
+            req_item, req_key, used_req, reset_req = self._window_memory(_REQUESTS, rpm, key, now)
             allowed = 1 <= max(0, rpm - used_req)
         if tpm is not None:
-            tok_item = self._item(_TOKENS, tpm)
-            tok_key = self._storage_key(tok_item, key)
-            used_tok = memory.get(tok_key)
-            if used_tok:
-                reset_tok = _reset_s(memory.get_expiry(tok_key), now)
+            tok_item, tok_key, used_tok, reset_tok = self._window_memory(_TOKENS, tpm, key, now)
             allowed = allowed and tokens <= max(0, tpm - used_tok)
         retry_after: int | None = None
         if allowed:
@@ -262,7 +203,7 @@ class RateLimiter:
             blocking = [reset for limit, used, cost, reset in ((rpm, used_req, 1, reset_req),
                                                                 (tpm, used_tok, tokens, reset_tok))
                         if limit is not None and cost > max(0, limit - used)]
-            retry_after = max(1, math.ceil(max(blocking, default=_WINDOW_S)))
+            retry_after = max(1, math.ceil(max(blocking, default=WINDOW_S)))
         return RateState(
             allowed=allowed,
             limit_requests=rpm,
@@ -274,6 +215,15 @@ class RateLimiter:
             retry_after_s=retry_after,
             tokens_window_end=None if tpm is None else now + reset_tok,
         )
+
+    def _window_memory(self, kind: str, amount: int, key: str, now: float) -> tuple[RateLimitItem, str, int, float]:
+        """(item, storage key, count so far, seconds to its reset) of one in-memory window."""
+        memory = self._memory
+        assert memory is not None
+        item = self._item(kind, amount)
+        storage_key = self._storage_key(item, key)
+        used = memory.get(storage_key)
+        return item, storage_key, used, reset_seconds(memory.get_expiry(storage_key), now) if used else WINDOW_S
 
     def _hit_window(self, item: RateLimitItem, key: str, cost: int) -> bool:
         # What the sync FixedWindowRateLimiter.hit does, on the cached storage key.
@@ -372,11 +322,6 @@ async def _guard(work: Awaitable[T]) -> T:
         raise StoreUnavailable("redis", type(exc).__name__) from exc
 
 
-def _reset_s(reset_at: float, now: float) -> float:
-    """Seconds until a window that ends at ``reset_at`` resets; a full window when none is live."""
-    return min(reset_at - now, _WINDOW_S) if reset_at > now else _WINDOW_S
-
-
 def _state(allowed: bool, requests: _Probe | None, tokens: _Probe | None, now: float) -> RateState:
     def remaining(probe: _Probe) -> int:
         left = probe.remaining - probe.cost if allowed else probe.remaining
@@ -387,7 +332,7 @@ def _state(allowed: bool, requests: _Probe | None, tokens: _Probe | None, now: f
         blocking = [
             p.reset_s for p in (requests, tokens) if p is not None and not p.fits
         ]
-        retry_after = max(1, math.ceil(max(blocking, default=_WINDOW_S)))
+        retry_after = max(1, math.ceil(max(blocking, default=WINDOW_S)))
     return RateState(
         allowed=allowed,
         limit_requests=None if requests is None else requests.item.amount,

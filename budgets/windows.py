@@ -22,25 +22,9 @@ def _utc(now: datetime) -> datetime:
     return now.astimezone(UTC)
 
 
-# The last period named per window kind: (start, end, key). Almost every call on the request
-# path falls in the same period as the one before, so it costs two comparisons.
-_last: dict[str, tuple[datetime, datetime, str]] = {}
-
-
 def window_key(window: str, now: datetime) -> str:
     """The key of the ``window`` period containing ``now``, e.g. ``"month:2026-11"``."""
     t = _utc(now)
-    last = _last.get(window)
-    if last is not None and last[0] <= t < last[1]:
-        return last[2]
-    key = _window_key(window, t)
-    start, end = window_start(window, t), window_end(window, t)
-    if start is not None and end is not None:
-        _last[window] = (start, end, key)
-    return key
-
-
-def _window_key(window: str, t: datetime) -> str:
     if window == "day":
         return f"day:{t.year:04d}-{t.month:02d}-{t.day:02d}"
     if window == "month":

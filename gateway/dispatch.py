@@ -22,6 +22,7 @@ At most `max_attempts` upstream calls per request, retries and fallbacks togethe
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -86,17 +87,10 @@ class DispatchStats:
                                  ["model"], registry=registry)
 
 
-_TIMEOUTS: dict[int, tuple[Endpoint, Timeouts]] = {}
-
-
+@functools.lru_cache(maxsize=256)
 def _endpoint_timeouts(endpoint: Endpoint) -> Timeouts:
-    """`Timeouts.for_endpoint`, once per endpoint object (endpoints are immutable; a reload makes new ones)."""
-    found = _TIMEOUTS.get(id(endpoint))
-    if found is None or found[0] is not endpoint:
-        if len(_TIMEOUTS) > 1024:
-            _TIMEOUTS.clear()
-        found = _TIMEOUTS[id(endpoint)] = (endpoint, Timeouts.for_endpoint(endpoint))
-    return found[1]
+    """`Timeouts.for_endpoint`, once per endpoint (a frozen value: a reload makes new ones)."""
+    return Timeouts.for_endpoint(endpoint)
 
 
 def build_request(target: Target, parsed: ParsedRequest) -> UpstreamRequest:

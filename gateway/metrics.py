@@ -29,10 +29,9 @@ _OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1
 
 class Metrics:
     def __init__(self) -> None:
-        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        # Per-request series are tallied in plain dicts on the hot path (`count_request`) and
+        # Per-request series are tallied in plain dicts on the hot path (`tally.add`) and
         # exposed by a collector at scrape time: one dict lookup per request instead of ten
         # locked prometheus_client children.
         self.tally = RequestTally()
@@ -56,22 +55,6 @@ class Metrics:
             ["provider"], registry=r)
 
 
-    def count_request(self, tenant: str, model: str, status_class: str, route: str, provider: str,
-                      duration_s: float, overhead_s: float | None, ttft_s: float | None,
-                      tokens: tuple[int, int, int] | None, cost_usd: float, fallback_route: str | None,
-                      attempts: Iterable[tuple[str, str, str]]) -> None:
-        """One answered request in every per-request series (see RequestTally)."""
-        self.tally.add(tenant, model, status_class, route, provider, duration_s, overhead_s, ttft_s, tokens,
-                       cost_usd, fallback_route, attempts)
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, memoised: the hot path counts each request several times,
-        and label values are bounded (config names and status classes)."""
-        key = (metric, labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -68,25 +68,19 @@ async def handle(
         ex.note_request(parsed)
         if parsed.stream:  # from here to the last byte, a client that leaves cancels the upstream call
             ex.watch = DisconnectWatch(request.receive)
-        traced = ex.span is not None  # stage timestamps are taken for the trace only
-        t0 = stage_start() if traced else 0
+        t0 = stage_start()
         await rate_limit(rt, tenant, key, parsed, ex)
-        if traced:
-            mark(ex, "ratelimit", t0)
-            t0 = stage_start()
+        mark(ex, "ratelimit", t0)
+        t0 = stage_start()
         budget_left = await read_balance(rt, tenant)
-        if traced:
-            mark(ex, "budget.balance", t0)
-            t0 = stage_start()
+        mark(ex, "budget.balance", t0)
+        t0 = stage_start()
         decision = decide(rt, tenant, key, parsed, request, ex, budget_left)
-        if traced:
-            mark(ex, "policy", t0)
+        mark(ex, "policy", t0)
         targets = [Target(rt.models[name], rt.endpoints[rt.models[name].provider]) for name in decision.candidates]
-        if traced:
-            t0 = stage_start()
+        t0 = stage_start()
         await reserve(rt, tenant, parsed, targets, ex)
-        if traced:
-            mark(ex, "budget.reserve", t0)
+        mark(ex, "budget.reserve", t0)
         ex.mark_upstream_start()
         # Non-streamed: a client leaving after the upstream call has run a while cancels it (gateway/streaming.py).
         result = await rt.slow_calls.during(ex, request.receive, dispatch(

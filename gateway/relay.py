@@ -304,16 +304,13 @@ def _count(rt: Runtime, ex: Exchange, usage: Usage, spent: Decimal, status: int)
     fallback = None
     if target is not None and decision is not None and decision.candidates and target.model.name != decision.candidates[0]:
         fallback = f"{decision.policy}:{decision.route}"  # no version: bounded
-    rt.metrics.count_request(
-        ex.tenant or "-", target.model.name if target else "-", _STATUS_CLASS.get(status) or f"{status // 100}xx",
+    rt.metrics.tally.add(
+        ex.tenant or "-", target.model.name if target else "-", f"{status // 100}xx",
         f"{decision.policy}:{decision.route}" if decision else "-", target.endpoint.provider if target else "-",
         ex.elapsed_ms() / 1000, None if ex.overhead_ms is None else ex.overhead_ms / 1000,
         None if ex.ttft_ms is None else ex.ttft_ms / 1000,
         (usage.input_tokens, usage.output_tokens, usage.cached_input_tokens) if target is not None else None,
         float(spent), fallback, [(a.provider, a.model, a.outcome) for a in ex.attempts])
-
-
-_STATUS_CLASS = {200: "2xx", 400: "4xx", 429: "4xx", 499: "4xx", 500: "5xx", 502: "5xx", 503: "5xx", 504: "5xx"}
 
 
 def _audit_record(ex: Exchange, usage: Usage, spent: Decimal, status: int, outcome: str,
